@@ -112,8 +112,12 @@ public sealed class InteropTests
         if (result.Loaded)
         {
             Assert.NotNull(result.LoadedFrom);
+            Assert.True(Cublas.IsAvailable, Cublas.UnavailableReason);
+            Assert.True(Cublas.Version!.Major >= 11);
             return;
         }
+        Assert.False(Cublas.IsAvailable);
+        Assert.Contains("libcublas", Cublas.UnavailableReason);
         Assert.Contains(result.Trace, t => t.Contains("cublas", StringComparison.OrdinalIgnoreCase));
     }
 }

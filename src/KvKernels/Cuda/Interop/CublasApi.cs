@@ -49,6 +49,7 @@ internal static unsafe partial class CublasApi
 
     public const int CUBLAS_GEMM_DEFAULT = -1;
 
+    [LibraryImport(Lib)] public static partial cublasStatus_t cublasGetProperty(int type, int* value);
     [LibraryImport(Lib)] public static partial cublasStatus_t cublasCreate_v2(nint* handle);
     [LibraryImport(Lib)] public static partial cublasStatus_t cublasDestroy_v2(nint handle);
     [LibraryImport(Lib)] public static partial cublasStatus_t cublasGetVersion_v2(nint handle, int* version);

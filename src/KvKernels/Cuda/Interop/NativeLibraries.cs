@@ -97,11 +97,18 @@ internal static class NativeLibraries
 
     private static IEnumerable<string> Candidates(string logical)
     {
+        // An explicit override is the user's choice: it is the only candidate, so a wrong path fails loudly
+        // instead of quietly loading something else.
+        string? variable = logical switch { Cuda => "KVKERNELS_CUDA", Nvrtc => "KVKERNELS_NVRTC", Cublas => "KVKERNELS_CUBLAS", _ => null };
+        if (variable is not null && Environment.GetEnvironmentVariable(variable) is { Length: > 0 } overridePath)
+        {
+            yield return overridePath;
+            yield break;
+        }
         bool windows = OperatingSystem.IsWindows();
         switch (logical)
         {
             case Cuda:
-                if (Environment.GetEnvironmentVariable("KVKERNELS_CUDA") is { Length: > 0 } cudaOverride) yield return cudaOverride;
                 yield return windows ? "nvcuda.dll" : "libcuda.so.1";
                 if (!windows)
                 {
@@ -111,7 +118,6 @@ internal static class NativeLibraries
                 }
                 break;
             case Nvrtc:
-                if (Environment.GetEnvironmentVariable("KVKERNELS_NVRTC") is { Length: > 0 } nvrtcOverride) yield return nvrtcOverride;
                 string[] nvrtcNames = windows
                     ? ["nvrtc64_130_0.dll", "nvrtc64_120_0.dll"]
                     : ["libnvrtc.so.13", "libnvrtc.so.12"];
@@ -121,7 +127,6 @@ internal static class NativeLibraries
                 foreach (var dir in RepositoryNvrtcCaches()) yield return Path.Combine(dir, "libnvrtc.so.12");
                 break;
             case Cublas:
-                if (Environment.GetEnvironmentVariable("KVKERNELS_CUBLAS") is { Length: > 0 } cublasOverride) yield return cublasOverride;
                 string[] cublasNames = windows
                     ? ["cublas64_13.dll", "cublas64_12.dll"]
                     : ["libcublas.so.13", "libcublas.so.12"];
