@@ -48,6 +48,14 @@ static_assert(sizeof(void*) == 8, "64-bit addresses");
 #define __launch_bounds__(...)
 #endif
 
+// KVK_DYNAMIC_SHARED(type, name) declares `type* const name`, this block's dynamic shared memory (the launch's
+// sharedBytes), 16-byte aligned. The emulator's shim (cuda/emulation/kvk_emulation.h) defines the host side.
+#if defined(__CUDA_ARCH__) && !defined(KVK_DYNAMIC_SHARED)
+#define KVK_DYNAMIC_SHARED(type, name)                                        \
+    extern __shared__ __align__(16) unsigned char kvk_dynamic_smem_[];        \
+    type* const name = reinterpret_cast<type*>(kvk_dynamic_smem_)
+#endif
+
 template <typename T>
 KVK_INLINE T kvk_min(T a, T b) { return b < a ? b : a; }
 

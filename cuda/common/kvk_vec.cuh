@@ -43,7 +43,12 @@ template <> struct kvk_vec<8> { typedef kvk_v8 type; };
 template <typename T>
 KVK_INLINE void kvk_host_check_aligned(const void* p)
 {
+#ifdef KVK_EMULATION
+    // The emulator names the address and the alignment it needed instead of a bare trap.
+    if (kvk_address(p) % sizeof(T) != 0) kvk_emu_misaligned(p, (unsigned)sizeof(T), "vector access");
+#else
     if (kvk_address(p) % sizeof(T) != 0) __builtin_trap();
+#endif
 }
 
 template <typename T>

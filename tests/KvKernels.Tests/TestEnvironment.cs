@@ -7,18 +7,19 @@ namespace KvKernels.Tests;
 public static class TestEnvironment
 {
     /// <summary>
-    /// NVRTC-dependent tests (the compile gate) must run in CI and under <c>./build.sh test</c>: there a missing
-    /// NVRTC is a failure, not a skip. Elsewhere (an IDE on a machine without it) they skip with the reason.
+    /// The toolchain-dependent tests (the NVRTC compile gate, the emulated backend) must run in CI and under
+    /// <c>./build.sh test</c>: there a missing NVRTC or C++ compiler is a failure, not a skip. Elsewhere (an IDE on a
+    /// machine without them) they skip with the reason.
     /// </summary>
-    public static bool NvrtcRequired =>
+    public static bool ToolchainRequired =>
         Environment.GetEnvironmentVariable("KVKERNELS_REQUIRE_NVRTC") == "1" ||
         string.Equals(Environment.GetEnvironmentVariable("CI"), "true", StringComparison.OrdinalIgnoreCase);
 
-    /// <summary>Fails or skips (per <see cref="NvrtcRequired"/>) when NVRTC cannot be loaded.</summary>
+    /// <summary>Fails or skips (per <see cref="ToolchainRequired"/>) when NVRTC cannot be loaded.</summary>
     public static void RequireNvrtc()
     {
         if (Nvrtc.IsAvailable) return;
-        if (NvrtcRequired) Assert.Fail("NVRTC is required here (CI or KVKERNELS_REQUIRE_NVRTC=1) but cannot be loaded: " + Nvrtc.UnavailableReason);
+        if (ToolchainRequired) Assert.Fail("NVRTC is required here (CI or KVKERNELS_REQUIRE_NVRTC=1) but cannot be loaded: " + Nvrtc.UnavailableReason);
         Assert.Skip("NVRTC is not available: " + Nvrtc.UnavailableReason);
     }
 
@@ -41,9 +42,10 @@ public static class TestEnvironment
 public sealed class Backends : IDisposable
 {
     private readonly Lazy<CudaDevice?> _cuda = new(() => CudaDevice.IsAvailable ? CudaDevice.Open() : null);
+    private readonly Lazy<CudaDevice?> _emulated = new(() => CudaDevice.IsEmulatorAvailable ? CudaDevice.OpenEmulated() : null);
 
-    /// <summary>Every backend a GPU test runs on.</summary>
-    public static IReadOnlyList<string> All { get; } = ["cuda"];
+    /// <summary>Every backend a GPU test runs on: the real device, and the CPU emulator of the same kernels.</summary>
+    public static IReadOnlyList<string> All { get; } = ["cuda", "emulated"];
 
     /// <summary>Backend names for theory data.</summary>
     public static TheoryData<string> Names => new(All);
@@ -52,10 +54,18 @@ public sealed class Backends : IDisposable
     public CudaDevice Get(string backend) => backend switch
     {
         "cuda" => _cuda.Value ?? throw SkipException("No CUDA device: " + FirstLine(CudaDevice.UnavailableReason)),
+        "emulated" => _emulated.Value ?? throw MissingEmulator(),
         _ => throw new ArgumentException($"Unknown backend {backend}.", nameof(backend)),
     };
 
     private static string FirstLine(string? text) => (text ?? "").Split('\n')[0].Trim();
+
+    private static Exception MissingEmulator()
+    {
+        string reason = "The emulator is unavailable: " + CudaDevice.EmulatorUnavailableReason;
+        if (TestEnvironment.ToolchainRequired) Assert.Fail(reason + " (required here: CI or KVKERNELS_REQUIRE_NVRTC=1)");
+        return SkipException(reason);
+    }
 
     private static Exception SkipException(string reason)
     {
@@ -67,6 +77,7 @@ public sealed class Backends : IDisposable
     public void Dispose()
     {
         if (_cuda.IsValueCreated) _cuda.Value?.Dispose();
+        if (_emulated.IsValueCreated) _emulated.Value?.Dispose();
     }
 }
 

@@ -108,7 +108,7 @@ public sealed class KernelCompiler
         var options = Options(specialization, target);
         var stopwatch = Stopwatch.StartNew();
         Interlocked.Increment(ref _nvrtcCompilations);
-        var output = Nvrtc.Compile(specialization.Source, KernelSources.Get(specialization.Source), KernelSources.Headers, options,
+        var output = Nvrtc.Compile(specialization.Source, specialization.SourceText, KernelSources.Headers, options,
             cubin: target.StartsWith("sm_", StringComparison.Ordinal));
         double ms = stopwatch.Elapsed.TotalMilliseconds;
         var compiled = new CompiledKernel(specialization, target, output.Binary, output.IsCubin, output.Log,
@@ -130,7 +130,7 @@ public sealed class KernelCompiler
         Add(target);
         foreach (var option in Options(specialization, target)) Add(option);
         Add(specialization.Source);
-        Add(KernelSources.Get(specialization.Source));
+        Add(specialization.SourceText);
         foreach (var (name, text) in KernelSources.Headers)
         {
             Add(name);

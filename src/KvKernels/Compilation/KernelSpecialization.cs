@@ -9,10 +9,26 @@ namespace KvKernels.Compilation;
 /// </summary>
 public sealed record KernelSpecialization
 {
-    private KernelSpecialization(string source, string defines)
+    private KernelSpecialization(string source, string defines, string? text = null)
     {
         Source = source;
         Defines = defines;
+        Text = text;
+    }
+
+    /// <summary>Source text given directly (tests' own kernels); null for the library's embedded sources.</summary>
+    internal string? Text { get; }
+
+    /// <summary>The kernel source text to compile.</summary>
+    internal string SourceText => Text ?? KernelSources.Get(Source);
+
+    /// <summary>A specialization of source text that is not embedded (test-only kernels, such as planted faults).
+    /// It may include the embedded <c>common/</c> headers.</summary>
+    internal static KernelSpecialization FromText(string name, string text, params ReadOnlySpan<(string Name, object Value)> macros)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(name);
+        ArgumentNullException.ThrowIfNull(text);
+        return new KernelSpecialization(name, Canonical(macros), text);
     }
 
     /// <summary>The source's path under <c>cuda/</c>, for example <c>paging/paging.cu</c>.</summary>
@@ -28,6 +44,11 @@ public sealed record KernelSpecialization
         ArgumentException.ThrowIfNullOrEmpty(source);
         if (!KernelSources.Contains(source))
             throw new ArgumentException($"No kernel source '{source}' is embedded in the library.", nameof(source));
+        return new KernelSpecialization(source, Canonical(macros));
+    }
+
+    private static string Canonical(ReadOnlySpan<(string Name, object Value)> macros)
+    {
         var pairs = new SortedDictionary<string, string>(StringComparer.Ordinal);
         foreach (var (name, value) in macros)
         {
@@ -43,7 +64,7 @@ public sealed record KernelSpecialization
             if (sb.Length > 0) sb.Append(' ');
             sb.Append(name).Append('=').Append(value);
         }
-        return new KernelSpecialization(source, sb.ToString());
+        return sb.ToString();
     }
 
     /// <summary>The NVRTC / C++ compiler options that define the macros.</summary>

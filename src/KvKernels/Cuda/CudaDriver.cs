@@ -32,7 +32,7 @@ public static unsafe class CudaDriver
     private static (bool, string?, int, int) Probe()
     {
         var lib = NativeLibraries.Load(NativeLibraries.Cuda);
-        if (!lib.Loaded) return (false, "The CUDA driver library was not found. " + lib.Describe(), 0, 0);
+        if (!lib.Loaded) return (false, "The CUDA driver library (libcuda.so.1) was not found: no NVIDIA driver here. " + lib.Describe(), 0, 0);
         try
         {
             int version = 0;

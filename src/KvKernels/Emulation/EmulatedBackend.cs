@@ -18,6 +18,7 @@ internal sealed unsafe class EmulatedBackend : DeviceBackend
     private readonly nint _runtime;
     private readonly delegate* unmanaged<nuint, void*> _alloc;
     private readonly delegate* unmanaged<void*, void> _free;
+    private readonly delegate* unmanaged<byte*, int, int> _lastError;
     private readonly delegate* unmanaged<nint, void**, byte*, uint, uint, uint, uint, uint, uint, uint, uint, int, byte*, int, int> _launch;
     private readonly List<(nint Library, string Source)> _modules = [];
     private readonly List<(nint Entry, string Name, byte[] Utf8Name)> _functions = [];
@@ -35,6 +36,7 @@ internal sealed unsafe class EmulatedBackend : DeviceBackend
         _runtime = NativeLibrary.Load(path);
         _alloc = (delegate* unmanaged<nuint, void*>)NativeLibrary.GetExport(_runtime, "kvk_emu_alloc");
         _free = (delegate* unmanaged<void*, void>)NativeLibrary.GetExport(_runtime, "kvk_emu_free");
+        _lastError = (delegate* unmanaged<byte*, int, int>)NativeLibrary.GetExport(_runtime, "kvk_emu_last_error");
         _launch = (delegate* unmanaged<nint, void**, byte*, uint, uint, uint, uint, uint, uint, uint, uint, int, byte*, int, int>)
             NativeLibrary.GetExport(_runtime, "kvk_emu_launch");
         _hostThreads = hostThreads > 0 ? hostThreads : Environment.ProcessorCount;
@@ -72,7 +74,7 @@ internal sealed unsafe class EmulatedBackend : DeviceBackend
     // Streams and events: the emulator finishes each call before returning, so there is nothing to order.
     public override nint CreateStream() => 1;
     public override void DestroyStream(nint stream) { }
-    public override void SynchronizeStream(nint stream) { }
+    public override void SynchronizeStream(nint stream) => ThrowRecordedError();
     public override void StreamWaitEvent(nint stream, nint evt) { }
 
     public override nint CreateEvent(bool timing)
@@ -103,7 +105,19 @@ internal sealed unsafe class EmulatedBackend : DeviceBackend
         lock (_gate) return (float)Stopwatch.GetElapsedTime(_eventTimes[start], _eventTimes[end]).TotalMilliseconds;
     }
 
-    public override void Synchronize() { }
+    public override void Synchronize() => ThrowRecordedError();
+
+    /// <summary>
+    /// Errors found outside a launch (a damaged canary or a bad pointer at free, which must not throw) are recorded
+    /// by the runtime; a synchronisation point reports them, as a GPU reports an earlier asynchronous fault.
+    /// </summary>
+    private void ThrowRecordedError()
+    {
+        byte* error = stackalloc byte[ErrorCapacity];
+        error[0] = 0;
+        if (_lastError(error, ErrorCapacity) != 0)
+            throw new EmulatorException(null, Marshal.PtrToStringUTF8((nint)error) ?? "The emulator recorded an error.");
+    }
 
     public override (long Free, long Total) MemoryInfo() => (Info.TotalMemoryBytes, Info.TotalMemoryBytes);
 
@@ -112,9 +126,6 @@ internal sealed unsafe class EmulatedBackend : DeviceBackend
         string path = EmulatorCompiler.KernelLibrary(specialization);
         return AddModule(NativeLibrary.Load(path), specialization.Source);
     }
-
-    /// <summary>Loads a library built from test-supplied source (see <see cref="EmulatorCompiler"/>).</summary>
-    internal nint LoadLibrary(string path, string source) => AddModule(NativeLibrary.Load(path), source);
 
     private nint AddModule(nint library, string source)
     {

@@ -57,20 +57,18 @@ public static partial class EmulatorCompiler
     {
         var (root, hash) = SourceTree();
         string output = Path.Combine(CacheDirectory, "build-" + hash, "libkvk_emu.so");
-        return Build(output, directory => ["-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-pthread",
-            Path.Combine(root, "emulation", "kvk_emu_runtime.cpp"), "-o", directory]);
+        // The soname lets kernel libraries bind to the copy already loaded by path; nodelete keeps it resident
+        // (it owns signal handlers and worker threads).
+        return Build(output, target => ["-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-pthread",
+            "-Wl,-soname,libkvk_emu.so", "-Wl,-z,nodelete", Path.Combine(root, "emulation", "kvk_emu_runtime.cpp"), "-o", target]);
     }
 
     /// <summary>Builds (or finds in the cache) the library of one specialization; returns its path.</summary>
-    public static string KernelLibrary(KernelSpecialization specialization) => KernelLibrary(specialization.Source,
-        KernelSources.Get(specialization.Source), specialization.DefineOptions().ToArray());
-
-    /// <summary>
-    /// Builds a library from kernel source text that includes only <c>cuda/</c> headers (tests use this for kernels
-    /// that are not shipped, such as planted faults). Every <c>extern "C" __global__</c> entry point is exported.
-    /// </summary>
-    internal static string KernelLibrary(string name, string source, IReadOnlyList<string> defines)
+    public static string KernelLibrary(KernelSpecialization specialization)
     {
+        ArgumentNullException.ThrowIfNull(specialization);
+        string name = specialization.Source, source = specialization.SourceText;
+        var defines = specialization.DefineOptions().ToArray();
         string runtime = RuntimeLibrary();
         var (root, treeHash) = SourceTree();
         var wrapper = new StringBuilder();
@@ -85,7 +83,8 @@ public static partial class EmulatorCompiler
         {
             string wrapperPath = target + ".cpp";
             File.WriteAllText(wrapperPath, wrapper.ToString());
-            return ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-I" + root, .. defines, wrapperPath,
+            // Stack-clash protection makes a frame larger than a page probe it, so fiber stack overflows always fault.
+            return ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-fstack-clash-protection", "-I" + root, .. defines, wrapperPath,
                 "-L" + runtimeDirectory, "-lkvk_emu", "-Wl,-rpath," + runtimeDirectory, "-o", target];
         });
     }

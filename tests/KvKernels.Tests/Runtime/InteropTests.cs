@@ -85,7 +85,7 @@ public sealed class InteropTests
         Assert.Contains("/nonexistent/libnothing.so.1 (no such file)", result.Trace[0]);
         Assert.StartsWith("libkvkernels-does-not-exist.so.7 (", result.Trace[1]);
         var text = result.Describe();
-        Assert.Contains("not found; tried:", text);
+        Assert.Contains("not found in 2 places:", text);
         Assert.Contains("libkvkernels-does-not-exist.so.7", text);
     }
 

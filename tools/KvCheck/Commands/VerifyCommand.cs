@@ -11,23 +11,37 @@ namespace KvCheck.Commands;
 
 /// <summary>
 /// <c>KvCheck verify</c>: every op of <see cref="VerificationRegistry"/> at every shape, on the CPU backend (library CPU
-/// implementation against the scalar oracle) and, when a GPU is present, the cuda backend (GPU op against the CPU
-/// implementation, outputs poisoned first).
+/// implementation against the scalar oracle), the emulated backend (the GPU kernels run on the CPU emulator, against
+/// the CPU implementation) and, when a GPU is present, the cuda backend (GPU op against the CPU implementation);
+/// device outputs are poisoned first.
 /// </summary>
 internal static class VerifyCommand
 {
-    private const string Cpu = "cpu", Cuda = "cuda";
+    private const string Cpu = "cpu", Emulated = "emulated", Cuda = "cuda";
+
+    /// <summary>A backend that runs the kernels: how to open it, and why it cannot be opened here (null when it can).</summary>
+    private sealed record DeviceBackend(string Name, Func<CudaDevice> Open, string? Unavailable);
+
+    private static DeviceBackend[] DeviceBackends() =>
+    [
+        new(Emulated, () => CudaDevice.OpenEmulated(),
+            CudaDevice.IsEmulatorAvailable ? null : "the emulator is unavailable: " + CudaDevice.EmulatorUnavailableReason),
+        new(Cuda, () => CudaDevice.Open(),
+            !CudaDevice.IsAvailable ? CudaDevice.UnavailableReason ?? "CUDA is unavailable."
+            : !Nvrtc.IsAvailable ? "NVRTC is unavailable: " + Nvrtc.UnavailableReason : null),
+    ];
 
     public static Command Create()
     {
-        var cpuOnly = new Option<bool>("--cpu-only") { Description = "Run only the CPU backend, even when a GPU is present." };
+        var cpuOnly = new Option<bool>("--cpu-only") { Description = "Run only the CPU backend, even when the emulator or a GPU is present." };
         var backend = new Option<string[]>("--backend")
         {
-            Description = "Backends to run: cpu (CPU implementation vs oracle), cuda (GPU vs CPU implementation). Default: cpu, and cuda when a GPU and NVRTC are present.",
+            Description = "Backends to run: cpu (CPU implementation vs oracle), emulated (the GPU kernels on the CPU emulator vs the " +
+                "CPU implementation), cuda (GPU vs CPU implementation). Default: every backend available here.",
             AllowMultipleArgumentsPerToken = true,
-            HelpName = "cpu|cuda",
+            HelpName = "cpu|emulated|cuda",
         };
-        backend.AcceptOnlyFromAmong(Cpu, Cuda);
+        backend.AcceptOnlyFromAmong(Cpu, Emulated, Cuda);
         var json = new Option<FileInfo?>("--json") { Description = "Also write the results as JSON to this file.", HelpName = "FILE" };
         var seed = new Option<int?>("--seed") { Description = "Seed of the random inputs (default: drawn and printed, so a failure can be replayed).", HelpName = "N" };
         var filter = new Option<string?>("--op") { Description = "Only ops whose name starts with this (e.g. paging.gather, or paging).", HelpName = "PREFIX" };
@@ -41,8 +55,8 @@ internal static class VerifyCommand
         command.Options.Add(filter);
         command.Validators.Add(result =>
         {
-            if (result.GetValue(cpuOnly) && (result.GetValue(backend) ?? []).Contains(Cuda))
-                result.AddError("--cpu-only and --backend cuda contradict each other.");
+            if (result.GetValue(cpuOnly) && (result.GetValue(backend) ?? []).Any(b => b != Cpu))
+                result.AddError("--cpu-only and --backend emulated|cuda contradict each other.");
         });
         command.SetAction(parse => Program.Guard(() => Run(
             parse.GetValue(cpuOnly), parse.GetValue(backend) ?? [], parse.GetValue(json), parse.GetValue(seed), parse.GetValue(filter))));
@@ -54,21 +68,23 @@ internal static class VerifyCommand
     private static int Run(bool cpuOnly, string[] backends, FileInfo? json, int? seedOption, string? filter)
     {
         int seed = seedOption ?? Random.Shared.Next(1, int.MaxValue);
-        bool explicitCuda = backends.Contains(Cuda);
         bool runCpu = backends.Length == 0 || backends.Contains(Cpu);
-        bool runCuda = !cpuOnly && (explicitCuda || backends.Length == 0);
-
-        string? gpuUnavailable = !CudaDevice.IsAvailable ? CudaDevice.UnavailableReason ?? "CUDA is unavailable."
-            : !Nvrtc.IsAvailable ? "NVRTC is unavailable: " + Nvrtc.UnavailableReason : null;
-        if (runCuda && gpuUnavailable is not null)
+        var devices = new List<DeviceBackend>();
+        foreach (var candidate in DeviceBackends())
         {
-            if (explicitCuda)
+            bool asked = backends.Contains(candidate.Name);
+            if (cpuOnly || (!asked && backends.Length > 0)) continue;
+            if (candidate.Unavailable is not null)
             {
-                Ui.Error("--backend cuda: " + gpuUnavailable);
-                return ExitCodes.Unavailable;
+                if (asked)
+                {
+                    Ui.Error($"--backend {candidate.Name}: {candidate.Unavailable}");
+                    return ExitCodes.Unavailable;
+                }
+                Ui.Note($"{candidate.Name} backend skipped: {candidate.Unavailable}");
+                continue;
             }
-            Ui.Note("cuda backend skipped: " + gpuUnavailable);
-            runCuda = false;
+            devices.Add(candidate);
         }
 
         var verifications = VerificationRegistry.All
@@ -86,13 +102,18 @@ internal static class VerifyCommand
             {
                 int caseSeed = CaseSeed(seed, v.Name, shapeIndex++);
                 if (runCpu) cases.Add(new Case(v, shape, Cpu, caseSeed));
-                if (runCuda) cases.Add(new Case(v, shape, Cuda, caseSeed));
+                foreach (var d in devices) cases.Add(new Case(v, shape, d.Name, caseSeed));
             }
 
-        CudaDevice? device = runCuda ? CudaDevice.Open() : null;
-        var gpu = device is null ? null : new GpuContext(device);
-        string deviceName = device is null ? HostInfo.CpuDevice : $"{device.Name} ({device.Arch})";
-        Ui.Line($"verify: {cases.Count} checks, seed {seed}, backends {(runCpu ? "cpu " : "")}{(runCuda ? "cuda" : "")}— {deviceName}");
+        var contexts = new Dictionary<string, GpuContext>();
+        foreach (var d in devices)
+        {
+            var opened = d.Open();
+            contexts[d.Name] = new GpuContext(opened);
+        }
+        string deviceName = contexts.TryGetValue(Cuda, out var cuda) ? $"{cuda.Device.Name} ({cuda.Device.Arch})" : HostInfo.CpuDevice;
+        string backendList = string.Join(", ", (runCpu ? new[] { Cpu } : []).Concat(devices.Select(d => d.Name)));
+        Ui.Line($"verify: {cases.Count} checks, seed {seed}, backends {backendList} — {deviceName}");
 
         var rows = new List<VerifyRow>();
         var total = Stopwatch.StartNew();
@@ -104,15 +125,19 @@ internal static class VerifyCommand
                 {
                     var c = cases[i];
                     status($"[{i + 1}/{cases.Count}] {c.Verification.Name} {c.Backend} {c.Shape.Description}");
-                    rows.Add(RunOne(c, gpu));
+                    rows.Add(RunOne(c, c.Backend == Cpu ? null : contexts[c.Backend]));
                 }
                 return 0;
             });
         }
         finally
         {
-            gpu?.Dispose();
-            device?.Dispose();
+            foreach (var context in contexts.Values)
+            {
+                var device = context.Device;
+                context.Dispose();
+                device.Dispose();
+            }
         }
 
         var table = new TextTable(null, ("Op", false), ("Backend", false), ("Shape", false), ("Max rel err", true),

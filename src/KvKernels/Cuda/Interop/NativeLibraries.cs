@@ -11,9 +11,10 @@ namespace KvKernels.Cuda.Interop;
 /// </summary>
 internal static class NativeLibraries
 {
-    public const string Cuda = "kvk_cuda";
-    public const string Nvrtc = "kvk_nvrtc";
-    public const string Cublas = "kvk_cublas";
+    // Logical names: distinct from any real file name, so the resolver alone decides what they load.
+    public const string Cuda = "kvk-libcuda";
+    public const string Nvrtc = "kvk-libnvrtc";
+    public const string Cublas = "kvk-libcublas";
 
     private static readonly object Gate = new();
     private static readonly Dictionary<string, LoadResult> Results = new();
@@ -25,7 +26,7 @@ internal static class NativeLibraries
 
         public string Describe() =>
             Loaded ? $"{Logical}: loaded {LoadedFrom}" :
-            $"{Logical}: not found; tried:{Environment.NewLine}  " + string.Join(Environment.NewLine + "  ", Trace);
+            $"{Logical}: not found in {Trace.Count} places:{Environment.NewLine}  " + string.Join(Environment.NewLine + "  ", Trace);
     }
 
 #pragma warning disable CA2255 // a module initializer is the documented way to install a resolver before any import runs
