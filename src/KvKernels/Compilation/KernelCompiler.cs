@@ -199,8 +199,15 @@ public sealed class KernelCompiler
 
             Directory.CreateDirectory(Path.GetDirectoryName(path)!);
             string temporary = $"{path}.{Environment.ProcessId}.{Guid.NewGuid():N}.tmp";
-            File.WriteAllBytes(temporary, entry);
-            File.Move(temporary, path, overwrite: true);
+            try
+            {
+                File.WriteAllBytes(temporary, entry);
+                File.Move(temporary, path, overwrite: true);
+            }
+            finally
+            {
+                if (File.Exists(temporary)) File.Delete(temporary);
+            }
         }
         catch (IOException) { /* a cache that cannot be written only costs a recompile */ }
         catch (UnauthorizedAccessException) { }
