@@ -25,6 +25,8 @@ public static unsafe class PagedKvCache
     {
         spec.Validate<T>(keys.Length, values.Length, slots.Length, keyPool.Length, valuePool.Length);
         spec.ValidateSlots(slots);
+        // Sequential on purpose: appends scatter short rows to random pages, and on the machines measured two threads
+        // contending for those misses were slower than one (KvCheck bench, CPU rows).
         var pool = spec.Pool;
         bool withValues = !valuePool.IsEmpty;
         for (int t = 0; t < spec.NumTokens; t++)
@@ -87,13 +89,11 @@ public static unsafe class PagedKvCache
     public static void CopyPages<T>(in PagedKvLayout pool, ReadOnlySpan<int> pairs, Span<T> keyPool, Span<T> valuePool) where T : unmanaged
     {
         PageCopyValidation.Validate<T>(pool, keyPool.Length, valuePool.Length, pairs);
-        int pageElements = (int)pool.PageElements;
-        for (int i = 0; i < pairs.Length; i += 2)
+        fixed (T* kp = keyPool, vp = valuePool)
+        fixed (int* p = pairs)
         {
-            long source = (long)pairs[i] * pageElements, destination = (long)pairs[i + 1] * pageElements;
-            keyPool.Slice((int)source, pageElements).CopyTo(keyPool.Slice((int)destination, pageElements));
-            if (!valuePool.IsEmpty)
-                valuePool.Slice((int)source, pageElements).CopyTo(valuePool.Slice((int)destination, pageElements));
+            var job = new CopyPagesJob<T>(pool.PageElements, p, kp, vp);
+            Run(ref job, pairs.Length / 2, pairs.Length / 2 * pool.PageElements * Unsafe.SizeOf<T>() * (valuePool.IsEmpty ? 2 : 4));
         }
     }
 
@@ -109,8 +109,26 @@ public static unsafe class PagedKvCache
             for (int i = 0; i < count; i++) job.Execute(i);
             return;
         }
+        // A few contiguous ranges per core: items can be tiny (one token's rows), so never one task per item.
         var copy = job; // the job holds only pointers and values, so a copy shares the buffers
-        Parallel.For(0, count, i => copy.Execute(i));
+        int chunks = Math.Min(count, Environment.ProcessorCount * 4);
+        Parallel.For(0, chunks, chunk =>
+        {
+            int start = (int)((long)count * chunk / chunks), end = (int)((long)count * (chunk + 1) / chunks);
+            for (int i = start; i < end; i++) copy.Execute(i);
+        });
+    }
+
+    /// <summary>Copy of one page pair (destinations are distinct and never sources, so pairs are independent).</summary>
+    private readonly struct CopyPagesJob<T>(long pageElements, int* pairs, T* keyPool, T* valuePool) : IRangeJob where T : unmanaged
+    {
+        public void Execute(int i)
+        {
+            long bytes = pageElements * sizeof(T);
+            long source = pairs[2 * i] * pageElements, destination = pairs[2 * i + 1] * pageElements;
+            Buffer.MemoryCopy(keyPool + source, keyPool + destination, bytes, bytes);
+            if (valuePool != null) Buffer.MemoryCopy(valuePool + source, valuePool + destination, bytes, bytes);
+        }
     }
 
     /// <summary>Gather or scatter of one sequence; pointer-based so it can run on worker threads.</summary>

@@ -129,4 +129,33 @@ public sealed class PagedKvCacheTests
         PagingOracle.Gather(false, pool.PageSize, pool.NumKvHeads, pool.HeadDim, maxPages, maxTokens, true, keyPool, table, lengths, expectedKeys);
         PagingCases.AssertSameBytes<ushort>(expectedKeys, keys, "keys");
     }
+
+    [Fact]
+    public void AppendAndCopyPages_Large_RunInParallelAndMatchOracle()
+    {
+        // Over 8 MiB moved per call: the parallel path.
+        var pool = new PagedKvLayout(NumPages: 700, PageSize: 16, NumKvHeads: 8, HeadDim: 128, KvLayout.Hnd);
+        var random = new Random(8);
+        int tokens = 5000;
+        var spec = new PagedAppendSpec(pool, tokens);
+        var keys = TestData.Random<ushort>(random, tokens * (long)pool.TokenElements);
+        var values = TestData.Random<ushort>(random, tokens * (long)pool.TokenElements);
+        var slots = PagingCases.Slots(random, pool, tokens);
+        var keyPool = TestData.Random<ushort>(random, pool.PoolElements);
+        var valuePool = TestData.Random<ushort>(random, pool.PoolElements);
+        var expectedKeys = (ushort[])keyPool.Clone();
+        var expectedValues = (ushort[])valuePool.Clone();
+        PagedKvCache.Append<ushort>(spec, keys, values, slots, keyPool, valuePool);
+        PagingOracle.Append(true, pool.PageSize, pool.NumKvHeads, pool.HeadDim, keys, values, pool.TokenElements, pool.TokenElements,
+            slots, expectedKeys, expectedValues);
+        PagingCases.AssertSameBytes<ushort>(expectedKeys, keyPool, "appended key pool");
+        PagingCases.AssertSameBytes<ushort>(expectedValues, valuePool, "appended value pool");
+
+        var pairs = PagingCases.PagePairs(random, pool);
+        PagedKvCache.CopyPages<ushort>(pool, pairs, keyPool, valuePool);
+        PagingOracle.CopyPages((int)pool.PageElements, pairs, expectedKeys);
+        PagingOracle.CopyPages((int)pool.PageElements, pairs, expectedValues);
+        PagingCases.AssertSameBytes<ushort>(expectedKeys, keyPool, "copied key pool");
+        PagingCases.AssertSameBytes<ushort>(expectedValues, valuePool, "copied value pool");
+    }
 }
