@@ -157,6 +157,24 @@ internal static class PagingVerifications
     internal static VerificationOutcome Compare<T>(string name, T[]? actual, T[]? expected, ElementKind kind) where T : unmanaged =>
         actual is null && expected is null ? VerificationOutcome.Empty : Comparison.Compare<T>(name, actual ?? [], expected ?? [], kind);
 
+    /// <summary>
+    /// The shape append and scatter share: upload the key/value sources, poison the device pools, run the op, and
+    /// compare the pools with the CPU implementation's (<paramref name="expected"/>).
+    /// </summary>
+    internal static VerificationOutcome IntoPoisonedPools<T>(GpuContext gpu, T[] keys, T[]? values, long poolElements, ElementKind kind,
+        Action<DeviceSpan<T>, DeviceSpan<T>, DeviceSpan<T>, DeviceSpan<T>> run, (T[] K, T[]? V) expected) where T : unmanaged
+    {
+        var device = gpu.Device;
+        using var dKeys = device.Allocate<T>(keys);
+        using var dValues = Upload(device, values);
+        using var keyPool = Poisoned<T>(device, poolElements, gpu.Stream);
+        using var valuePool = values is null ? null : Poisoned<T>(device, poolElements, gpu.Stream);
+        run(dKeys.Span, SpanOf(dValues), keyPool.Span, SpanOf(valuePool));
+        gpu.Stream.Synchronize();
+        return Compare("keyPool", keyPool.ToArray(), expected.K, kind)
+            .And(Compare("valuePool", valuePool?.ToArray(), expected.V, kind));
+    }
+
     internal static VerificationOutcome Dispatch(ElementKind kind, Func<VerificationOutcome> fp16, Func<VerificationOutcome> bf16, Func<VerificationOutcome> u8) =>
         kind switch { ElementKind.Fp16 => fp16(), ElementKind.Bf16 => bf16(), _ => u8() };
 }
@@ -230,21 +248,11 @@ internal sealed class AppendVerification() : Verification<AppendShape>("paging",
     {
         var g = s.Geometry;
         var x = Make<T>(s, seed);
-        var device = gpu.Device;
-        var stream = gpu.Stream;
-        long n = x.Spec.Pool.PoolElements;
-        using var keys = device.Allocate<T>(x.Keys);
-        using var values = PagingVerifications.Upload(device, x.Values);
-        using var keyPool = PagingVerifications.Poisoned<T>(device, n, stream);
-        using var valuePool = g.KeysOnly ? null : PagingVerifications.Poisoned<T>(device, n, stream);
-        using var slots = new DeviceSlotMapping(device, Math.Max(s.Tokens, 1));
-        slots.Update(x.Slots, x.Spec.Pool, stream);
-        PagingVerifications.Kernels(gpu).Append(x.Spec, keys.Span, PagingVerifications.SpanOf(values), slots,
-            keyPool.Span, PagingVerifications.SpanOf(valuePool), stream);
-        stream.Synchronize();
-        var (k, v) = Cpu(x, g.KeysOnly);
-        return PagingVerifications.Compare("keyPool", keyPool.ToArray(), k, g.Type)
-            .And(PagingVerifications.Compare("valuePool", valuePool?.ToArray(), v, g.Type));
+        using var slots = new DeviceSlotMapping(gpu.Device, Math.Max(s.Tokens, 1));
+        slots.Update(x.Slots, x.Spec.Pool, gpu.Stream);
+        return PagingVerifications.IntoPoisonedPools(gpu, x.Keys, x.Values, x.Spec.Pool.PoolElements, g.Type,
+            (keys, values, keyPool, valuePool) => PagingVerifications.Kernels(gpu).Append(x.Spec, keys, values, slots, keyPool, valuePool, gpu.Stream),
+            Cpu(x, g.KeysOnly));
     }
 }
 
@@ -428,21 +436,11 @@ internal sealed class ScatterVerification() : Verification<BatchShape>("paging",
     {
         var g = s.Geometry;
         var x = Make<T>(s, seed);
-        var device = gpu.Device;
-        var stream = gpu.Stream;
-        long n = x.Spec.Pool.PoolElements;
-        using var keys = device.Allocate<T>(x.Keys);
-        using var values = PagingVerifications.Upload(device, x.Values);
-        using var keyPool = PagingVerifications.Poisoned<T>(device, n, stream);
-        using var valuePool = g.KeysOnly ? null : PagingVerifications.Poisoned<T>(device, n, stream);
-        using var table = new DeviceBlockTable(device, s.BatchSize, s.MaxPages);
-        table.Update(x.Table, x.Lengths, x.Spec.Pool, stream);
-        PagingVerifications.Kernels(gpu).Scatter(x.Spec, keys.Span, PagingVerifications.SpanOf(values), table,
-            keyPool.Span, PagingVerifications.SpanOf(valuePool), stream);
-        stream.Synchronize();
-        var (k, v) = Cpu(x, g.KeysOnly);
-        return PagingVerifications.Compare("keyPool", keyPool.ToArray(), k, g.Type)
-            .And(PagingVerifications.Compare("valuePool", valuePool?.ToArray(), v, g.Type));
+        using var table = new DeviceBlockTable(gpu.Device, s.BatchSize, s.MaxPages);
+        table.Update(x.Table, x.Lengths, x.Spec.Pool, gpu.Stream);
+        return PagingVerifications.IntoPoisonedPools(gpu, x.Keys, x.Values, x.Spec.Pool.PoolElements, g.Type,
+            (keys, values, keyPool, valuePool) => PagingVerifications.Kernels(gpu).Scatter(x.Spec, keys, values, table, keyPool, valuePool, gpu.Stream),
+            Cpu(x, g.KeysOnly));
     }
 }
 
