@@ -93,6 +93,11 @@ public static class AttentionCases
     /// <summary>Case names for theory data.</summary>
     public static TheoryData<string> Names => new(All.Select(c => c.Name));
 
+    /// <summary>Case names as theory rows shown in full as <c>test: case name</c> (xunit shortens long string
+    /// arguments in display names): <c>[MemberData(nameof(AttentionCases.Rows), "MyTest", MemberType = …)]</c>.</summary>
+    public static IEnumerable<TheoryDataRow<string>> Rows(string test) =>
+        All.Select(c => new TheoryDataRow<string>(c.Name) { TestDisplayName = $"{test}: {c.Name}" });
+
     /// <summary>The case called <paramref name="name"/>.</summary>
     public static AttentionCase Get(string name) => All.Single(c => c.Name == name);
 
@@ -167,7 +172,7 @@ public static class AttentionCases
             random.Shuffle(order);
             foreach (int f in order)
             {
-                int best = -1, bestGain = -1;
+                int best = -1, bestGain = -1, ties = 0;
                 for (int v = 0; v < FactorSizes[f]; v++)
                 {
                     bool ok = true;
@@ -178,7 +183,10 @@ public static class AttentionCases
                         ok = Compatible(f, v, g, row[g]);
                         if (uncovered.Contains(f < g ? (f, v, g, row[g]) : (g, row[g], f, v))) gain++;
                     }
-                    if (ok && gain > bestGain) (best, bestGain) = (v, gain);
+                    if (!ok || gain < bestGain) continue;
+                    // Ties go to a random value (seeded), so the rows that only fill the last pairs still vary the rest.
+                    ties = gain > bestGain ? 1 : ties + 1;
+                    if (gain > bestGain || random.Next(ties) == 0) (best, bestGain) = (v, gain);
                 }
                 row[f] = best;
             }
