@@ -619,15 +619,20 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
     // ---- fold: l over the warp, o over the token groups (into lanes pvGroup == 0)
     KVK_UNROLL
     for (int r = 0; r < kRows; ++r) l[r] = warp_sum(l[r], 1, 32);
-    KVK_UNROLL
-    for (int g = 1; g < kTg; ++g) {
-        const int src = (lane + g * kVUnits) & 31;
+    if (kTg > 1) {
         KVK_UNROLL
         for (int r = 0; r < kRows; ++r)
             KVK_UNROLL
             for (int j = 0; j < kVpl; ++j)
                 KVK_UNROLL
-                for (int x = 0; x < 8; ++x) o[r][j][x] += __shfl_sync(0xFFFFFFFFu, o[r][j][x], src);
+                for (int x = 0; x < 8; ++x) {
+                    // Every shuffle reads the unfolded value: lane c gathers lanes c + g * kVUnits.
+                    const float mine = o[r][j][x];
+                    float sum = mine;
+                    KVK_UNROLL
+                    for (int g = 1; g < kTg; ++g) sum += __shfl_sync(0xFFFFFFFFu, mine, (lane + g * kVUnits) & 31);
+                    o[r][j][x] = sum;
+                }
     }
     // Lanes that own output columns: token group 0, chunks below kVUnits.
     const bool ownsColumns = pvGroup == 0 && pvChunk < kVUnits;
