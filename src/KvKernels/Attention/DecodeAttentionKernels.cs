@@ -84,10 +84,10 @@ public sealed class DecodeAttentionKernels
         where TIn : unmanaged where TOut : unmanaged
     {
         ArgumentNullException.ThrowIfNull(table);
-        spec.ValidateBuffers<TIn, TOut>(query.Length, keys.Length, values.Length, spec.Rows, spec.BlockTableElements, output.Length, lse.Length,
-            positions.Length, alibiSlopes.Length);
         if (!spec.Cache.IsPaged)
             throw new ArgumentException("spec.Cache is contiguous storage; pass the lengths as DeviceSequenceLengths (the other Run overload).", nameof(spec));
+        spec.ValidateBuffers<TIn, TOut>(query.Length, keys.Length, values.Length, spec.Rows, spec.BlockTableElements, output.Length, lse.Length,
+            positions.Length, alibiSlopes.Length);
         if (!ReferenceEquals(table.Device, _device)) throw new ArgumentException("The block table belongs to another device.", nameof(table));
         if (table.Pool.NumPages != spec.Cache.NumPages || table.Pool.PageSize != spec.Cache.PageSize)
             throw new ArgumentException($"The block table was validated for {table.Pool.NumPages} pages of {table.Pool.PageSize}; spec.Cache has {spec.Cache.NumPages} of {spec.Cache.PageSize}.", nameof(table));
@@ -119,10 +119,10 @@ public sealed class DecodeAttentionKernels
         where TIn : unmanaged where TOut : unmanaged
     {
         ArgumentNullException.ThrowIfNull(lengths);
-        spec.ValidateBuffers<TIn, TOut>(query.Length, keys.Length, values.Length, spec.Rows, 0, output.Length, lse.Length,
-            positions.Length, alibiSlopes.Length);
         if (spec.Cache.IsPaged)
             throw new ArgumentException("spec.Cache is paged storage; pass a DeviceBlockTable (the other Run overload).", nameof(spec));
+        spec.ValidateBuffers<TIn, TOut>(query.Length, keys.Length, values.Length, spec.Rows, 0, output.Length, lse.Length,
+            positions.Length, alibiSlopes.Length);
         if (!ReferenceEquals(lengths.Device, _device)) throw new ArgumentException("The lengths belong to another device.", nameof(lengths));
         if (lengths.Count != spec.Rows)
             throw new ArgumentException($"The lengths hold {lengths.Count} rows; the spec has {spec.Rows}.", nameof(lengths));
