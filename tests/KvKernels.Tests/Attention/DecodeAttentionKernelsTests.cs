@@ -60,6 +60,10 @@ public sealed class DecodeAttentionKernelsTests(Backends backends)
             { Rope = new RopeOptions(RopeStyle.RotateHalf, 1000000f, RotaryDim: 32, ExplicitPositions: true), SoftCap = 10f, KeyReuse = true }, [159], false),
         new("gqa8-d128-contiguous-all-empty", Spec(2, 1, 8, 1, 128, KvCacheShape.Contiguous(64), F16, F16), [0, 0], true),
         new("gqa5-d128-paged-nhd-pageedges-q3", Spec(3, 3, 5, 1, 128, Paged(16, 2, KvLayout.Nhd, 3), Bf16, F16), [16, 17, 1], true),
+        new("gqa5-d192-paged-hnd-interleaved-explicit-partial-softcap-alibi-keyreuse", Spec(2, 1, 5, 2, 192, Paged(8, 12, KvLayout.Hnd, 2), Bf16, F32) with
+            { Rope = new RopeOptions(RopeStyle.Interleaved, 10000f, RotaryDim: 32, ExplicitPositions: true), SoftCap = 15f, Alibi = true, KeyReuse = true },
+            [96, 9], true),
+        new("gqa128-d256-contiguous-nhd-q3", Spec(1, 3, 128, 1, 256, KvCacheShape.Contiguous(100), F16, F16), [100], false),
     ];
 
     public static TheoryData<string, int> CaseIndices
