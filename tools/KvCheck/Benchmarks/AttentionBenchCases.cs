@@ -136,7 +136,7 @@ internal sealed class GpuDecode(AttentionModel m, int batch, int tokens, int pag
             _lengths = new DeviceSequenceLengths(device, _spec.Rows);
             _lengths.Update(lengths, _spec.Cache.MaxTokens);
         }
-        _workspace = DecodeAttentionWorkspace.For(device, _spec);
+        _workspace = new DecodeAttentionWorkspace(device, _spec.LseElements, _spec.OutputDim, DecodeAttentionKernels.MaxPlannedSplits);
         for (int s = 0; s < sets; s++)
         {
             DeviceMemory<BFloat16> Make(long n)

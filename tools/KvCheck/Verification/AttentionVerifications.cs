@@ -135,21 +135,23 @@ internal sealed class DecodeVerification() : Verification<DecodeShape>("attentio
         using var slopes = device.Allocate<float>(data.AlibiSlopes);
         using var dOut = device.Allocate<TOut>(AttentionElements.Poisoned<TOut>(spec.OutputElements));
         using var dLse = device.Allocate<float>(AttentionElements.Poisoned<float>(spec.LseElements));
-        using var workspace = DecodeAttentionWorkspace.For(device, spec);
+        using var workspace = new DecodeAttentionWorkspace(device, spec.LseElements, spec.OutputDim, DecodeAttentionKernels.MaxPlannedSplits);
         var kernels = AttentionVerifications.Kernels(gpu);
         var values = spec.KeyReuse ? default : v.Span;
+        var positionSpan = data.Positions.Length == 0 ? default : positions.Span;
+        var slopeSpan = data.AlibiSlopes.Length == 0 ? default : slopes.Span;
         if (spec.Cache.IsPaged)
         {
             using var table = new DeviceBlockTable(device, spec.Rows, spec.Cache.MaxPagesPerSequence);
             table.Update(data.BlockTable, data.Lengths, spec.KeyPool, stream);
-            kernels.Run(spec, q.Span, k.Span, values, table, dOut.Span, dLse.Span, workspace, positions.Span, slopes.Span, stream);
+            kernels.Run(spec, q.Span, k.Span, values, table, dOut.Span, dLse.Span, workspace, positionSpan, slopeSpan, stream);
             stream.Synchronize();
         }
         else
         {
             using var lengths = new DeviceSequenceLengths(device, spec.Rows);
             lengths.Update(data.Lengths, spec.Cache.MaxTokens, stream);
-            kernels.Run(spec, q.Span, k.Span, values, lengths, dOut.Span, dLse.Span, workspace, positions.Span, slopes.Span, stream);
+            kernels.Run(spec, q.Span, k.Span, values, lengths, dOut.Span, dLse.Span, workspace, positionSpan, slopeSpan, stream);
             stream.Synchronize();
         }
         return AttentionVerifications.Within<TOut>("output", dOut.ToArray(), AttentionVerifications.Doubles<TOut>(output), tolerance)
