@@ -160,6 +160,19 @@ public sealed class DecodeAttentionKernels
         return (int)Math.Clamp(Math.Min(fill, byChunk), 1, MaxPlannedSplits);
     }
 
+    /// <summary>The split count <see cref="Run{TIn, TOut}(in DecodeAttentionSpec, DeviceSpan{TIn}, DeviceSpan{TIn}, DeviceSpan{TIn}, DeviceBlockTable, DeviceSpan{TOut}, DeviceSpan{float}, DecodeAttentionWorkspace?, DeviceSpan{int}, DeviceSpan{float}, CudaStream?)"/>
+    /// uses with <paramref name="workspace"/>: <see cref="PlanSplits(in DecodeAttentionSpec, int)"/> clamped to
+    /// <see cref="DecodeAttentionWorkspace.MaxSplits"/>, or 1 without a workspace.</summary>
+    /// <param name="spec">The call.</param>
+    /// <param name="longestRow">The longest row's length.</param>
+    /// <param name="workspace">The workspace the call will get, or null.</param>
+    /// <exception cref="ArgumentException">The spec is invalid or <paramref name="longestRow"/> is negative.</exception>
+    public int PlanSplits(in DecodeAttentionSpec spec, int longestRow, DecodeAttentionWorkspace? workspace)
+    {
+        int planned = PlanSplits(spec, longestRow);
+        return workspace is null ? 1 : Math.Min(planned, workspace.MaxSplits);
+    }
+
     /// <summary>Merges two attention states (cascade attention, split-KV, several cache formats); see <see cref="MergeStatesSpec"/>.</summary>
     /// <param name="spec">Rows and head dim.</param>
     /// <param name="outputA">First state's output <c>[Rows, HeadDim]</c>.</param>
@@ -220,7 +233,7 @@ public sealed class DecodeAttentionKernels
         var module = Module(key);
         var layout = module.Layout;
         var (streams, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
-        int splits = workspace is null ? 1 : Math.Min(PlanSplits(spec, longestRow), workspace.MaxSplits);
+        int splits = PlanSplits(spec, longestRow, workspace);
         long grid = (long)spec.BatchSize * spec.NumKvHeads * splits * rowTiles;
         if (grid > int.MaxValue) throw new ArgumentException($"The call needs {grid} CTAs; at most 2^31 − 1 are supported.", nameof(spec));
 

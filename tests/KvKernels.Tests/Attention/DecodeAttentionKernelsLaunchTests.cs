@@ -159,6 +159,8 @@ public sealed class DecodeAttentionKernelsLaunchTests : IDisposable
         using var workspace = new DecodeAttentionWorkspace(_device, 8, 256, maxSplits: 6);
         // The heuristic wants 16 splits (4096 / 256): the workspace holds 6.
         Assert.Equal(16, _ops.PlanSplits(spec, 4096));
+        Assert.Equal(6, _ops.PlanSplits(spec, 4096, workspace));
+        Assert.Equal(1, _ops.PlanSplits(spec, 4096, null));
         _ops.Run(spec, query.Span, keys.Span, values.Span, lengths, output.Span, lse.Span, workspace);
 
         Assert.Equal(2, _backend.Launches.Count);

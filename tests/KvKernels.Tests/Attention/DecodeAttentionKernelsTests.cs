@@ -63,6 +63,9 @@ public sealed class DecodeAttentionKernelsTests(Backends backends)
         new("gqa5-d192-paged-hnd-interleaved-explicit-partial-softcap-alibi-keyreuse", Spec(2, 1, 5, 2, 192, Paged(8, 12, KvLayout.Hnd, 2), Bf16, F32) with
             { Rope = new RopeOptions(RopeStyle.Interleaved, 10000f, RotaryDim: 32, ExplicitPositions: true), SoftCap = 15f, Alibi = true, KeyReuse = true },
             [96, 9], true),
+        new("mha-d512-contiguous-nhd-streams4", Spec(2, 1, 1, 2, 512, KvCacheShape.Contiguous(140), F16, F32), [130, 7], true),
+        new("gqa3-d576v512-paged-nhd-streams2", Spec(1, 1, 3, 2, 576, Paged(16, 6, KvLayout.Nhd, 1), Bf16, Bf16) with { ValueHeadDim = 512 },
+            [81], true),
         new("gqa128-d256-contiguous-nhd-q3", Spec(1, 3, 128, 1, 256, KvCacheShape.Contiguous(100), F16, F16), [100], false),
     ];
 
