@@ -240,13 +240,15 @@ public sealed class DecodeAttentionKernels
         var args = new KernelArguments();
         args.Add(query);
         args.Add(keys);
-        args.AddPointer(values.Pointer);
+        // Optional inputs are passed by what the spec says, not by the span: an empty span can still carry the
+        // address of a zero-length allocation, and the kernel takes a non-null pointer as "present".
+        args.AddPointer(spec.KeyReuse ? 0 : values.Pointer);
         args.Add(lengths);
-        args.AddPointer(blockTable.Pointer);
-        args.AddPointer(positions.Pointer);
-        args.AddPointer(alibiSlopes.Pointer);
+        args.AddPointer(spec.Cache.IsPaged ? blockTable.Pointer : 0);
+        args.AddPointer(spec.PositionElements > 0 ? positions.Pointer : 0);
+        args.AddPointer(spec.Alibi ? alibiSlopes.Pointer : 0);
         args.Add(output);
-        args.AddPointer(lse.Pointer);
+        args.AddPointer(lse.IsEmpty ? 0 : lse.Pointer);
         args.AddPointer(splits > 1 ? workspace!.PartialOutput.Pointer : 0);
         args.AddPointer(splits > 1 ? workspace!.PartialLse.Pointer : 0);
         args.Add(spec.BatchSize);
@@ -276,7 +278,7 @@ public sealed class DecodeAttentionKernels
         merge.Add(workspace!.PartialOutput);
         merge.Add(workspace.PartialLse);
         merge.Add(output);
-        merge.AddPointer(lse.Pointer);
+        merge.AddPointer(lse.IsEmpty ? 0 : lse.Pointer);
         merge.Add(rows);
         merge.Add(spec.OutputDim);
         merge.Add(splits);

@@ -123,6 +123,29 @@ public sealed class DecodeAttentionKernelsLaunchTests : IDisposable
     }
 
     [Fact]
+    public void EmptyOptionalSpans_ReachTheKernelAsNull()
+    {
+        // Zero-length allocations still have an address; the kernel reads a non-null pointer as "present", so the
+        // wrapper must pass null for every optional input the spec does not use, whatever span it was handed.
+        var spec = new DecodeAttentionSpec(1, 1, 4, 1, 64, KvCacheShape.Contiguous(8)) { KeyReuse = true };
+        using var query = _device.Allocate<Half>(spec.QueryElements);
+        using var keys = _device.Allocate<Half>(spec.KeyElements);
+        using var output = _device.Allocate<Half>(spec.OutputElements);
+        using var none = _device.Allocate<Half>(0);
+        using var noLse = _device.Allocate<float>(0);
+        using var noPositions = _device.Allocate<int>(0);
+        using var noSlopes = _device.Allocate<float>(0);
+        using var lengths = new DeviceSequenceLengths(_device, 1);
+        lengths.Update([8], 8);
+        Assert.NotEqual(0ul, noPositions.Span.Pointer);
+        _ops.Run(spec, query.Span, keys.Span, none.Span, lengths, output.Span, noLse.Span, positions: noPositions.Span, alibiSlopes: noSlopes.Span);
+
+        var launch = Assert.Single(_backend.Launches);
+        ulong[] pointers = [query.Pointer, keys.Pointer, 0, lengths.Lengths.Pointer, 0, 0, 0, output.Pointer, 0, 0, 0];
+        Assert.Equal(pointers, launch.Arguments[..11]);
+    }
+
+    [Fact]
     public void PlanSplits_FillsTheGpuWithChunksOfAtLeast256Tokens()
     {
         var spec = new DecodeAttentionSpec(1, 1, 32, 8, 128, KvCacheShape.Paged(4096, 16, 2048));
