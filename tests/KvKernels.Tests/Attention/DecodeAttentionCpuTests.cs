@@ -214,6 +214,35 @@ public sealed class DecodeAttentionCpuTests
         AssertMatchesOracle(data, Run(data), "large positions");
     }
 
+    /// <summary>A call below the parallel threshold runs on the calling thread and allocates nothing (scratch comes
+    /// from the array pool, validation allocates only when it throws).</summary>
+    [Fact]
+    public void SmallCall_AllocatesNothing()
+    {
+        var spec = new DecodeAttentionSpec(2, 2, 8, 2, 64, KvCacheShape.Paged(8, 16, 3))
+        {
+            OutputType = AttentionElement.BFloat16, Rope = new RopeOptions(RopeStyle.RotateHalf), Window = 20, Sinks = 2,
+        };
+        var data = AttentionData<Half>.Create(spec, new Random(4), [40, 33]);
+        var output = new BFloat16[spec.OutputElements];
+        var lse = new float[spec.LseElements];
+        DecodeAttentionCpu.Run<Half, BFloat16>(spec, data.Query, data.Keys, data.Values, data.Lengths, data.BlockTable, output, lse);
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        DecodeAttentionCpu.Run<Half, BFloat16>(spec, data.Query, data.Keys, data.Values, data.Lengths, data.BlockTable, output, lse);
+        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+
+        var merge = new MergeStatesSpec(4, 64);
+        var a = new float[256];
+        var b = new float[256];
+        var o = new float[256];
+        var l = new float[4];
+        float[] la = [0, 1, 2, 3], lb = [1, 1, 1, 1];
+        DecodeAttentionCpu.MergeStates<float>(merge, a, la, b, lb, o, l);
+        before = GC.GetAllocatedBytesForCurrentThread();
+        DecodeAttentionCpu.MergeStates<float>(merge, a, la, b, lb, o, l);
+        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+    }
+
     /// <summary>Empty batch: nothing to do, nothing read.</summary>
     [Fact]
     public void EmptyBatch_IsANoOp()
