@@ -50,7 +50,7 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
         get
         {
             int dk = _spec.HeadDim, dOut = _spec.OutputDim;
-            return _rowsPerUnit * (dk + dOut + 2) + _tile * (dk + _valueScratchDim + 1) + 3 * _anglesPadded + 8;
+            return _rowsPerUnit * (dk + dOut + 2) + _tile * (dk + _valueScratchDim + 2) + 3 * _anglesPadded + 8;
         }
     }
 
@@ -86,7 +86,7 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
         u.KeyTile = u.Sum + rows;
         u.ValueTile = u.KeyTile + _tile * dk;
         u.Scores = u.ValueTile + _tile * _valueScratchDim;
-        u.Angles = u.Scores + _tile;
+        u.Angles = u.Scores + 2 * _tile;
         u.Cos = u.Angles + _anglesPadded;
         u.Sin = u.Cos + _anglesPadded;
 
@@ -149,7 +149,8 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
             ProcessTile(u, t0, Math.Min(_tile, stop - t0), stop);
     }
 
-    /// <summary>Keys [t0, t0 + count): widened once, then every query row of the unit updates its state from them.</summary>
+    /// <summary>Keys [t0, t0 + count): widened once, then every query row of the unit updates its state from them, two
+    /// rows at a time so that each key and value chunk loaded from the tile serves both.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private void ProcessTile(in Unit u, int t0, int count, int stop)
     {
@@ -158,8 +159,8 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
         LoadTile(u.Row, u.Head, t0, count, stop, u.KeyTile, u.ValueTile, u.Angles, u.Cos, u.Sin);
         float* values = _valueScratchDim == 0 ? u.KeyTile : u.ValueTile;
         int valueStride = _valueScratchDim == 0 ? dk : _valueScratchDim;
-        int paddedCount = (count + 7) & ~7;
-        float* scores = u.Scores;
+        float* keys = u.KeyTile;
+        float* s0 = u.Scores, s1 = u.Scores + _tile;
 
         for (int i = u.FirstToken; i <= u.LastToken; i++)
         {
@@ -168,54 +169,109 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
             if (visibility == TileVisibility.None) continue;
             int rowStart = Math.Max(u.FirstRow, i * group) - u.FirstRow;
             int rowEnd = Math.Min(u.EndRow, (i + 1) * group) - u.FirstRow;
-            for (int r = rowStart; r < rowEnd; r++)
+            for (int r = rowStart; r < rowEnd; r += 2)
             {
-                int h = u.Kvh * group + (u.FirstRow + r) % group;
-                float* qRow = u.Q + (long)r * dk;
+                float* q0 = u.Q + (long)r * dk;
+                float* acc0 = u.Acc + (long)r * dOut;
                 int t = 0;
-                for (; t + 4 <= count; t += 4) Dot4(qRow, u.KeyTile + (long)t * dk, dk, dk, scores + t);
-                for (; t < count; t++) scores[t] = Dot(qRow, u.KeyTile + (long)t * dk, dk);
-                for (; t < paddedCount; t++) scores[t] = float.NegativeInfinity;
-
-                if (spec.SoftCap > 0)
+                if (r + 1 < rowEnd)
                 {
-                    float cap = spec.SoftCap, inverseCap = 1f / spec.SoftCap;
-                    for (t = 0; t < count; t++) scores[t] = cap * MathF.Tanh(scores[t] * inverseCap);
+                    float* q1 = q0 + dk;
+                    float* acc1 = acc0 + dOut;
+                    for (; t + 4 <= count; t += 4) Dot2x4(q0, q1, keys + (long)t * dk, dk, dk, s0 + t, s1 + t);
+                    for (; t < count; t++)
+                    {
+                        s0[t] = Dot(q0, keys + (long)t * dk, dk);
+                        s1[t] = Dot(q1, keys + (long)t * dk, dk);
+                    }
+                    bool live0 = UpdateState(u, r, s0, qi, t0, count, visibility);
+                    bool live1 = UpdateState(u, r + 1, s1, qi, t0, count, visibility);
+                    if (live0 && live1)
+                    {
+                        for (t = 0; t + 4 <= count; t += 4)
+                            if (AnyWeight(s0 + t) || AnyWeight(s1 + t))
+                                Accumulate2x4(acc0, acc1, s0 + t, s1 + t, values + (long)t * valueStride, valueStride, dOut);
+                        for (; t < count; t++)
+                        {
+                            if (s0[t] != 0) Accumulate(acc0, s0[t], values + (long)t * valueStride, dOut);
+                            if (s1[t] != 0) Accumulate(acc1, s1[t], values + (long)t * valueStride, dOut);
+                        }
+                    }
+                    else if (live0) // one row only: both see the same keys, so only with infinite scores
+                    {
+                        AccumulateRow(acc0, s0, values, valueStride, count, dOut);
+                    }
+                    else if (live1)
+                    {
+                        AccumulateRow(acc1, s1, values, valueStride, count, dOut);
+                    }
                 }
-                if (spec.Alibi)
+                else
                 {
-                    float slope = _slopes[h];
-                    for (t = 0; t < count; t++) scores[t] -= slope * (qi - (t0 + t));
+                    for (; t + 4 <= count; t += 4) Dot4(q0, keys + (long)t * dk, dk, dk, s0 + t);
+                    for (; t < count; t++) s0[t] = Dot(q0, keys + (long)t * dk, dk);
+                    if (UpdateState(u, r, s0, qi, t0, count, visibility)) AccumulateRow(acc0, s0, values, valueStride, count, dOut);
                 }
-                if (visibility == TileVisibility.Partial)
-                {
-                    for (t = 0; t < count; t++)
-                        if (!Visible(qi, t0 + t)) scores[t] = float.NegativeInfinity;
-                }
-
-                float tileMax = Max(scores, paddedCount);
-                if (tileMax == float.NegativeInfinity) continue;
-                float oldMax = u.Max[r];
-                float newMax = MathF.Max(oldMax, tileMax);
-                float* accRow = u.Acc + (long)r * dOut;
-                if (newMax != oldMax)
-                {
-                    // Rescale what was accumulated under the old max (a no-op on the first tile: everything is 0).
-                    float alpha = MathF.Exp(oldMax - newMax);
-                    u.Sum[r] *= alpha;
-                    Scale(accRow, alpha, dOut);
-                    u.Max[r] = newMax;
-                }
-                u.Sum[r] += ExpSubtract(scores, newMax, paddedCount);
-
-                t = 0;
-                for (; t + 4 <= count; t += 4)
-                    if (scores[t] != 0 || scores[t + 1] != 0 || scores[t + 2] != 0 || scores[t + 3] != 0)
-                        Accumulate4(accRow, scores + t, values + (long)t * valueStride, valueStride, dOut);
-                for (; t < count; t++)
-                    if (scores[t] != 0) Accumulate(accRow, scores[t], values + (long)t * valueStride, dOut);
             }
         }
+    }
+
+    /// <summary>Whether any of four weights is not 0 (a NaN counts as a weight: it must reach the output).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool AnyWeight(float* p) => p[0] != 0 || p[1] != 0 || p[2] != 0 || p[3] != 0;
+
+    /// <summary><c>acc += Σ p[t]·v_t</c> over the tile's keys.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void AccumulateRow(float* acc, float* p, float* values, int valueStride, int count, int dim)
+    {
+        int t = 0;
+        for (; t + 4 <= count; t += 4)
+            if (AnyWeight(p + t)) Accumulate4(acc, p + t, values + (long)t * valueStride, valueStride, dim);
+        for (; t < count; t++)
+            if (p[t] != 0) Accumulate(acc, p[t], values + (long)t * valueStride, dim);
+    }
+
+    /// <summary>
+    /// Turns query row <paramref name="r"/>'s raw dot products over the tile into its weights: soft-cap, ALiBi and the
+    /// mask, then the online-softmax step (new running max, rescale of what was accumulated, <c>p = exp(s − max)</c>
+    /// in place, running sum). Returns false when the row sees none of these keys (nothing to accumulate).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private bool UpdateState(in Unit u, int r, float* scores, int qi, int t0, int count, TileVisibility visibility)
+    {
+        var spec = _spec;
+        int paddedCount = (count + 7) & ~7;
+        for (int t = count; t < paddedCount; t++) scores[t] = float.NegativeInfinity;
+        if (spec.SoftCap > 0)
+        {
+            float cap = spec.SoftCap, inverseCap = 1f / spec.SoftCap;
+            for (int t = 0; t < count; t++) scores[t] = cap * MathF.Tanh(scores[t] * inverseCap);
+        }
+        if (spec.Alibi)
+        {
+            float slope = _slopes[u.Kvh * spec.GroupSize + (u.FirstRow + r) % spec.GroupSize];
+            for (int t = 0; t < count; t++) scores[t] -= slope * (qi - (t0 + t));
+        }
+        if (visibility == TileVisibility.Partial)
+        {
+            for (int t = 0; t < count; t++)
+                if (!Visible(qi, t0 + t)) scores[t] = float.NegativeInfinity;
+        }
+
+        float tileMax = Max(scores, paddedCount);
+        if (tileMax == float.NegativeInfinity) return false;
+        float oldMax = u.Max[r];
+        float newMax = MathF.Max(oldMax, tileMax);
+        if (newMax != oldMax)
+        {
+            // Rescale what was accumulated under the old max (a no-op on the first tile: everything is 0).
+            float alpha = MathF.Exp(oldMax - newMax);
+            u.Sum[r] *= alpha;
+            Scale(u.Acc + (long)r * spec.OutputDim, alpha, spec.OutputDim);
+            u.Max[r] = newMax;
+        }
+        u.Sum[r] += ExpSubtract(scores, newMax, paddedCount);
+        return true;
     }
 
     private enum TileVisibility { None, Partial, All }

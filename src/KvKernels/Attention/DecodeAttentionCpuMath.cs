@@ -112,6 +112,125 @@ internal static unsafe class DecodeAttentionCpuMath
         return (Vector512.ConditionalSelect(isSpecial, special, finite) | sign).AsSingle();
     }
 
+    /// <summary>The dot products of rows <paramref name="q0"/> and <paramref name="q1"/> with the four rows starting at
+    /// <paramref name="k"/> (<paramref name="stride"/> apart), into <paramref name="result0"/>[0..4) and
+    /// <paramref name="result1"/>[0..4): each key chunk is loaded once for both query rows.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Dot2x4(float* q0, float* q1, float* k, int stride, int dim, float* result0, float* result1)
+    {
+        float* k0 = k, k1 = k + stride, k2 = k1 + stride, k3 = k2 + stride;
+        int i = 0;
+        if (Vector512.IsHardwareAccelerated && dim >= 16)
+        {
+            Vector512<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            Vector512<float> b0 = default, b1 = default, b2 = default, b3 = default;
+            for (; i <= dim - 16; i += 16)
+            {
+                var x = Vector512.Load(q0 + i);
+                var y = Vector512.Load(q1 + i);
+                var c = Vector512.Load(k0 + i);
+                a0 = Vector512.FusedMultiplyAdd(x, c, a0);
+                b0 = Vector512.FusedMultiplyAdd(y, c, b0);
+                c = Vector512.Load(k1 + i);
+                a1 = Vector512.FusedMultiplyAdd(x, c, a1);
+                b1 = Vector512.FusedMultiplyAdd(y, c, b1);
+                c = Vector512.Load(k2 + i);
+                a2 = Vector512.FusedMultiplyAdd(x, c, a2);
+                b2 = Vector512.FusedMultiplyAdd(y, c, b2);
+                c = Vector512.Load(k3 + i);
+                a3 = Vector512.FusedMultiplyAdd(x, c, a3);
+                b3 = Vector512.FusedMultiplyAdd(y, c, b3);
+            }
+            result0[0] = Vector512.Sum(a0); result0[1] = Vector512.Sum(a1); result0[2] = Vector512.Sum(a2); result0[3] = Vector512.Sum(a3);
+            result1[0] = Vector512.Sum(b0); result1[1] = Vector512.Sum(b1); result1[2] = Vector512.Sum(b2); result1[3] = Vector512.Sum(b3);
+            if (i == dim) return;
+        }
+        else
+        {
+            for (int j = 0; j < 4; j++) result0[j] = result1[j] = 0;
+        }
+        {
+            Vector256<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            Vector256<float> b0 = default, b1 = default, b2 = default, b3 = default;
+            for (; i < dim; i += 8)
+            {
+                var x = Vector256.Load(q0 + i);
+                var y = Vector256.Load(q1 + i);
+                var c = Vector256.Load(k0 + i);
+                a0 = Vector256.FusedMultiplyAdd(x, c, a0);
+                b0 = Vector256.FusedMultiplyAdd(y, c, b0);
+                c = Vector256.Load(k1 + i);
+                a1 = Vector256.FusedMultiplyAdd(x, c, a1);
+                b1 = Vector256.FusedMultiplyAdd(y, c, b1);
+                c = Vector256.Load(k2 + i);
+                a2 = Vector256.FusedMultiplyAdd(x, c, a2);
+                b2 = Vector256.FusedMultiplyAdd(y, c, b2);
+                c = Vector256.Load(k3 + i);
+                a3 = Vector256.FusedMultiplyAdd(x, c, a3);
+                b3 = Vector256.FusedMultiplyAdd(y, c, b3);
+            }
+            result0[0] += Vector256.Sum(a0); result0[1] += Vector256.Sum(a1); result0[2] += Vector256.Sum(a2); result0[3] += Vector256.Sum(a3);
+            result1[0] += Vector256.Sum(b0); result1[1] += Vector256.Sum(b1); result1[2] += Vector256.Sum(b2); result1[3] += Vector256.Sum(b3);
+        }
+    }
+
+    /// <summary><c>acc0 += Σ p0[j]·v_j</c> and <c>acc1 += Σ p1[j]·v_j</c> over the four rows v_j starting at
+    /// <paramref name="v"/> (<paramref name="stride"/> apart): each value chunk is loaded once for both query rows.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Accumulate2x4(float* acc0, float* acc1, float* p0, float* p1, float* v, int stride, int dim)
+    {
+        float* v0 = v, v1 = v + stride, v2 = v1 + stride, v3 = v2 + stride;
+        int i = 0;
+        if (Vector512.IsHardwareAccelerated && dim >= 16)
+        {
+            Vector512<float> x0 = Vector512.Create(p0[0]), x1 = Vector512.Create(p0[1]), x2 = Vector512.Create(p0[2]), x3 = Vector512.Create(p0[3]);
+            Vector512<float> y0 = Vector512.Create(p1[0]), y1 = Vector512.Create(p1[1]), y2 = Vector512.Create(p1[2]), y3 = Vector512.Create(p1[3]);
+            for (; i <= dim - 16; i += 16)
+            {
+                var a = Vector512.Load(acc0 + i);
+                var b = Vector512.Load(acc1 + i);
+                var c = Vector512.Load(v0 + i);
+                a = Vector512.FusedMultiplyAdd(x0, c, a);
+                b = Vector512.FusedMultiplyAdd(y0, c, b);
+                c = Vector512.Load(v1 + i);
+                a = Vector512.FusedMultiplyAdd(x1, c, a);
+                b = Vector512.FusedMultiplyAdd(y1, c, b);
+                c = Vector512.Load(v2 + i);
+                a = Vector512.FusedMultiplyAdd(x2, c, a);
+                b = Vector512.FusedMultiplyAdd(y2, c, b);
+                c = Vector512.Load(v3 + i);
+                a = Vector512.FusedMultiplyAdd(x3, c, a);
+                b = Vector512.FusedMultiplyAdd(y3, c, b);
+                a.Store(acc0 + i);
+                b.Store(acc1 + i);
+            }
+        }
+        if (i < dim)
+        {
+            Vector256<float> x0 = Vector256.Create(p0[0]), x1 = Vector256.Create(p0[1]), x2 = Vector256.Create(p0[2]), x3 = Vector256.Create(p0[3]);
+            Vector256<float> y0 = Vector256.Create(p1[0]), y1 = Vector256.Create(p1[1]), y2 = Vector256.Create(p1[2]), y3 = Vector256.Create(p1[3]);
+            for (; i < dim; i += 8)
+            {
+                var a = Vector256.Load(acc0 + i);
+                var b = Vector256.Load(acc1 + i);
+                var c = Vector256.Load(v0 + i);
+                a = Vector256.FusedMultiplyAdd(x0, c, a);
+                b = Vector256.FusedMultiplyAdd(y0, c, b);
+                c = Vector256.Load(v1 + i);
+                a = Vector256.FusedMultiplyAdd(x1, c, a);
+                b = Vector256.FusedMultiplyAdd(y1, c, b);
+                c = Vector256.Load(v2 + i);
+                a = Vector256.FusedMultiplyAdd(x2, c, a);
+                b = Vector256.FusedMultiplyAdd(y2, c, b);
+                c = Vector256.Load(v3 + i);
+                a = Vector256.FusedMultiplyAdd(x3, c, a);
+                b = Vector256.FusedMultiplyAdd(y3, c, b);
+                a.Store(acc0 + i);
+                b.Store(acc1 + i);
+            }
+        }
+    }
+
     /// <summary>The dot products of row <paramref name="q"/> with the four rows starting at <paramref name="k"/>
     /// (<paramref name="stride"/> apart), into <paramref name="result"/>[0..4).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

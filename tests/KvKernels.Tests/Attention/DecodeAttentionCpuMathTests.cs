@@ -135,29 +135,47 @@ public sealed unsafe class DecodeAttentionCpuMathTests
     {
         var random = new Random(dim);
         float[] Row() => Enumerable.Range(0, 4 * dim).Select(_ => (float)(random.NextDouble() * 2 - 1)).ToArray();
-        var q = Row();
+        var q = Row(); // rows 0 and 1 are two query rows
         var k = Row();
-        var acc = Row();
+        var acc = Row(); // rows 0 and 1: the single-row accumulator; rows 2 and 3: the pair
         var expectedAcc = (float[])acc.Clone();
         var result = new float[4];
-        float[] p = [0.5f, -0.25f, 2f, 0f];
-        fixed (float* pq = q, pk = k, pr = result, pa = acc, pp = p)
+        var pair0 = new float[4];
+        var pair1 = new float[4];
+        float[] p = [0.5f, -0.25f, 2f, 0f, -1f, 0f, 0.125f, 3f];
+        fixed (float* pq = q, pk = k, pr = result, pa = acc, pp = p, r0 = pair0, r1 = pair1)
         {
             DecodeAttentionCpuMath.Dot4(pq, pk, dim, dim, pr);
+            DecodeAttentionCpuMath.Dot2x4(pq, pq + dim, pk, dim, dim, r0, r1);
             for (int j = 0; j < 4; j++)
             {
-                double expected = 0;
-                for (int d = 0; d < dim; d++) expected += (double)q[d] * k[j * dim + d];
+                double expected = 0, expected1 = 0;
+                for (int d = 0; d < dim; d++)
+                {
+                    expected += (double)q[d] * k[j * dim + d];
+                    expected1 += (double)q[dim + d] * k[j * dim + d];
+                }
                 Assert.Equal(expected, result[j], 1e-4);
+                Assert.Equal(expected, pair0[j], 1e-4);
+                Assert.Equal(expected1, pair1[j], 1e-4);
                 Assert.Equal(expected, DecodeAttentionCpuMath.Dot(pq, pk + j * dim, dim), 1e-4);
             }
             DecodeAttentionCpuMath.Accumulate4(pa, pp, pk, dim, dim);
+            DecodeAttentionCpuMath.Accumulate2x4(pa + 2 * dim, pa + 3 * dim, pp, pp + 4, pk, dim, dim);
         }
         for (int d = 0; d < dim; d++)
         {
-            double expected = expectedAcc[d];
-            for (int j = 0; j < 4; j++) expected += p[j] * k[j * dim + d];
+            double expected = expectedAcc[d], expected2 = expectedAcc[2 * dim + d], expected3 = expectedAcc[3 * dim + d];
+            for (int j = 0; j < 4; j++)
+            {
+                expected += p[j] * k[j * dim + d];
+                expected2 += p[j] * k[j * dim + d];
+                expected3 += p[4 + j] * k[j * dim + d];
+            }
             Assert.Equal(expected, acc[d], 1e-5);
+            Assert.Equal(expected2, acc[2 * dim + d], 1e-5);
+            Assert.Equal(expected3, acc[3 * dim + d], 1e-5);
+            Assert.Equal(expectedAcc[dim + d], acc[dim + d]); // untouched
         }
     }
 }
