@@ -215,7 +215,8 @@ public sealed class DecodeAttentionCpuTests
     }
 
     /// <summary>A call below the parallel threshold runs on the calling thread and allocates nothing (scratch comes
-    /// from the array pool, validation allocates only when it throws).</summary>
+    /// from the array pool, validation allocates only when it throws). A garbage collection caused by tests running
+    /// beside this one may trim the pool and force one fresh rental, so the best of five calls must be 0.</summary>
     [Fact]
     public void SmallCall_AllocatesNothing()
     {
@@ -226,10 +227,8 @@ public sealed class DecodeAttentionCpuTests
         var data = AttentionData<Half>.Create(spec, new Random(4), [40, 33]);
         var output = new BFloat16[spec.OutputElements];
         var lse = new float[spec.LseElements];
-        DecodeAttentionCpu.Run<Half, BFloat16>(spec, data.Query, data.Keys, data.Values, data.Lengths, data.BlockTable, output, lse);
-        long before = GC.GetAllocatedBytesForCurrentThread();
-        DecodeAttentionCpu.Run<Half, BFloat16>(spec, data.Query, data.Keys, data.Values, data.Lengths, data.BlockTable, output, lse);
-        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+        Assert.Equal(0, LeastAllocated(() =>
+            DecodeAttentionCpu.Run<Half, BFloat16>(spec, data.Query, data.Keys, data.Values, data.Lengths, data.BlockTable, output, lse)));
 
         var merge = new MergeStatesSpec(4, 64);
         var a = new float[256];
@@ -237,10 +236,20 @@ public sealed class DecodeAttentionCpuTests
         var o = new float[256];
         var l = new float[4];
         float[] la = [0, 1, 2, 3], lb = [1, 1, 1, 1];
-        DecodeAttentionCpu.MergeStates<float>(merge, a, la, b, lb, o, l);
-        before = GC.GetAllocatedBytesForCurrentThread();
-        DecodeAttentionCpu.MergeStates<float>(merge, a, la, b, lb, o, l);
-        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+        Assert.Equal(0, LeastAllocated(() => DecodeAttentionCpu.MergeStates<float>(merge, a, la, b, lb, o, l)));
+
+        static long LeastAllocated(Action call)
+        {
+            call(); // warm: the first rental of a size allocates
+            long least = long.MaxValue;
+            for (int i = 0; i < 5; i++)
+            {
+                long before = GC.GetAllocatedBytesForCurrentThread();
+                call();
+                least = Math.Min(least, GC.GetAllocatedBytesForCurrentThread() - before);
+            }
+            return least;
+        }
     }
 
     /// <summary>Empty batch: nothing to do, nothing read.</summary>
