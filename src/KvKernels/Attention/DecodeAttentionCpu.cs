@@ -87,6 +87,13 @@ public static unsafe class DecodeAttentionCpu
             }
             return;
         }
+        ExecuteParallel(job, units, scratchFloats);
+    }
+
+    /// <summary>Separate from <see cref="Execute{TIn, TOut}"/> so that the closure is allocated only on this path.</summary>
+    private static void ExecuteParallel<TIn, TOut>(DecodeAttentionCpuJob<TIn, TOut> job, int units, int scratchFloats)
+        where TIn : unmanaged where TOut : unmanaged
+    {
         // Units differ in cost (lengths vary), so the loop balances them dynamically; scratch is rented once per
         // worker task, not per unit.
         Parallel.For(0, units,
@@ -128,15 +135,15 @@ public static unsafe class DecodeAttentionCpu
         fixed (float* la = lseA, lb = lseB, l = lse)
         {
             var job = new MergeJob<T>(spec.HeadDim, a, la, b, lb, o, l);
-            int rows = spec.Rows;
-            if (Environment.ProcessorCount == 1 || spec.Elements < 1L << 20)
-            {
-                job.Execute(0, rows);
-                return;
-            }
-            int chunks = Math.Min(rows, Environment.ProcessorCount * 4);
-            Parallel.For(0, chunks, chunk => job.Execute((int)((long)rows * chunk / chunks), (int)((long)rows * (chunk + 1) / chunks)));
+            if (Environment.ProcessorCount == 1 || spec.Elements < 1L << 20) job.Execute(0, spec.Rows);
+            else MergeParallel(job, spec.Rows);
         }
+    }
+
+    private static void MergeParallel<T>(MergeJob<T> job, int rows) where T : unmanaged
+    {
+        int chunks = Math.Min(rows, Environment.ProcessorCount * 4);
+        Parallel.For(0, chunks, chunk => job.Execute((int)((long)rows * chunk / chunks), (int)((long)rows * (chunk + 1) / chunks)));
     }
 
     /// <summary>Merge of a range of rows; pointer-based so it can run on worker threads.</summary>

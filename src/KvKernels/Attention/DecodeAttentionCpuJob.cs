@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using KvKernels.Paging;
 using static KvKernels.Attention.DecodeAttentionCpuMath;
 
@@ -32,10 +33,11 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
         _unitsPerPair = Math.Max(1, Math.Min(unitsPerPair, _queryRows));
         _rowsPerUnit = (_queryRows + _unitsPerPair - 1) / _unitsPerPair;
         _unitsPerPair = (_queryRows + _rowsPerUnit - 1) / _rowsPerUnit;
-        // Longer tiles when many query rows share them: the rows' q and accumulators are re-read once per tile.
-        _tile = _rowsPerUnit <= 16 ? 32 : 64;
         // Values come from their own storage, or are the un-rotated keys (key reuse with RoPE), or are the key tile itself.
         _valueScratchDim = !spec.KeyReuse ? spec.ValueDim : spec.Rope.Enabled ? spec.HeadDim : 0;
+        // Tiles of about 16 KiB of fp32 keys and values, so they stay in L1 next to a query row and its accumulator;
+        // at least 16 keys, so the per-tile softmax work of each row stays small; a multiple of 8 (the score vectors).
+        _tile = Math.Clamp(16384 / ((spec.HeadDim + _valueScratchDim) * sizeof(float)) & ~7, 16, 32);
         _anglesPadded = (spec.RotaryDim / 2 + 7) & ~7;
     }
 
@@ -48,7 +50,7 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
         get
         {
             int dk = _spec.HeadDim, dOut = _spec.OutputDim;
-            return _rowsPerUnit * (dk + dOut + 2) + _tile * (dk + _valueScratchDim + 1) + 3 * _anglesPadded + 8;
+            return _rowsPerUnit * (dk + dOut + 2) + _tile * (dk + _valueScratchDim + 2) + 3 * _anglesPadded + 8;
         }
     }
 
@@ -59,6 +61,7 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
         public float* Q, Acc, Max, Sum, KeyTile, ValueTile, Scores, Angles, Cos, Sin;
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public void Execute(int unitIndex, float* scratch)
     {
         var spec = _spec;
@@ -83,7 +86,7 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
         u.KeyTile = u.Sum + rows;
         u.ValueTile = u.KeyTile + _tile * dk;
         u.Scores = u.ValueTile + _tile * _valueScratchDim;
-        u.Angles = u.Scores + _tile;
+        u.Angles = u.Scores + 2 * _tile;
         u.Cos = u.Angles + _anglesPadded;
         u.Sin = u.Cos + _anglesPadded;
 
@@ -143,19 +146,21 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
     private void ProcessRange(in Unit u, int start, int stop)
     {
         for (int t0 = start; t0 < stop; t0 += _tile)
-            ProcessTile(u, t0, Math.Min(_tile, stop - t0));
+            ProcessTile(u, t0, Math.Min(_tile, stop - t0), stop);
     }
 
-    /// <summary>Keys [t0, t0 + count): widened once, then every query row of the unit updates its state from them.</summary>
-    private void ProcessTile(in Unit u, int t0, int count)
+    /// <summary>Keys [t0, t0 + count): widened once, then every query row of the unit updates its state from them, two
+    /// rows at a time so that each key and value chunk loaded from the tile serves both.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private void ProcessTile(in Unit u, int t0, int count, int stop)
     {
         var spec = _spec;
         int dk = spec.HeadDim, dOut = spec.OutputDim, group = spec.GroupSize;
-        LoadTile(u.Row, u.Head, t0, count, u.KeyTile, u.ValueTile, u.Angles, u.Cos, u.Sin);
+        LoadTile(u.Row, u.Head, t0, count, stop, u.KeyTile, u.ValueTile, u.Angles, u.Cos, u.Sin);
         float* values = _valueScratchDim == 0 ? u.KeyTile : u.ValueTile;
         int valueStride = _valueScratchDim == 0 ? dk : _valueScratchDim;
-        int paddedCount = (count + 7) & ~7;
-        float* scores = u.Scores;
+        float* keys = u.KeyTile;
+        float* s0 = u.Scores, s1 = u.Scores + _tile;
 
         for (int i = u.FirstToken; i <= u.LastToken; i++)
         {
@@ -164,54 +169,109 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
             if (visibility == TileVisibility.None) continue;
             int rowStart = Math.Max(u.FirstRow, i * group) - u.FirstRow;
             int rowEnd = Math.Min(u.EndRow, (i + 1) * group) - u.FirstRow;
-            for (int r = rowStart; r < rowEnd; r++)
+            for (int r = rowStart; r < rowEnd; r += 2)
             {
-                int h = u.Kvh * group + (u.FirstRow + r) % group;
-                float* qRow = u.Q + (long)r * dk;
+                float* q0 = u.Q + (long)r * dk;
+                float* acc0 = u.Acc + (long)r * dOut;
                 int t = 0;
-                for (; t + 4 <= count; t += 4) Dot4(qRow, u.KeyTile + (long)t * dk, dk, dk, scores + t);
-                for (; t < count; t++) scores[t] = Dot(qRow, u.KeyTile + (long)t * dk, dk);
-                for (; t < paddedCount; t++) scores[t] = float.NegativeInfinity;
-
-                if (spec.SoftCap > 0)
+                if (r + 1 < rowEnd)
                 {
-                    float cap = spec.SoftCap, inverseCap = 1f / spec.SoftCap;
-                    for (t = 0; t < count; t++) scores[t] = cap * MathF.Tanh(scores[t] * inverseCap);
+                    float* q1 = q0 + dk;
+                    float* acc1 = acc0 + dOut;
+                    for (; t + 4 <= count; t += 4) Dot2x4(q0, q1, keys + (long)t * dk, dk, dk, s0 + t, s1 + t);
+                    for (; t < count; t++)
+                    {
+                        s0[t] = Dot(q0, keys + (long)t * dk, dk);
+                        s1[t] = Dot(q1, keys + (long)t * dk, dk);
+                    }
+                    bool live0 = UpdateState(u, r, s0, qi, t0, count, visibility);
+                    bool live1 = UpdateState(u, r + 1, s1, qi, t0, count, visibility);
+                    if (live0 && live1)
+                    {
+                        for (t = 0; t + 4 <= count; t += 4)
+                            if (AnyWeight(s0 + t) || AnyWeight(s1 + t))
+                                Accumulate2x4(acc0, acc1, s0 + t, s1 + t, values + (long)t * valueStride, valueStride, dOut);
+                        for (; t < count; t++)
+                        {
+                            if (s0[t] != 0) Accumulate(acc0, s0[t], values + (long)t * valueStride, dOut);
+                            if (s1[t] != 0) Accumulate(acc1, s1[t], values + (long)t * valueStride, dOut);
+                        }
+                    }
+                    else if (live0) // one row only: both see the same keys, so only with infinite scores
+                    {
+                        AccumulateRow(acc0, s0, values, valueStride, count, dOut);
+                    }
+                    else if (live1)
+                    {
+                        AccumulateRow(acc1, s1, values, valueStride, count, dOut);
+                    }
                 }
-                if (spec.Alibi)
+                else
                 {
-                    float slope = _slopes[h];
-                    for (t = 0; t < count; t++) scores[t] -= slope * (qi - (t0 + t));
+                    for (; t + 4 <= count; t += 4) Dot4(q0, keys + (long)t * dk, dk, dk, s0 + t);
+                    for (; t < count; t++) s0[t] = Dot(q0, keys + (long)t * dk, dk);
+                    if (UpdateState(u, r, s0, qi, t0, count, visibility)) AccumulateRow(acc0, s0, values, valueStride, count, dOut);
                 }
-                if (visibility == TileVisibility.Partial)
-                {
-                    for (t = 0; t < count; t++)
-                        if (!Visible(qi, t0 + t)) scores[t] = float.NegativeInfinity;
-                }
-
-                float tileMax = Max(scores, paddedCount);
-                if (tileMax == float.NegativeInfinity) continue;
-                float oldMax = u.Max[r];
-                float newMax = MathF.Max(oldMax, tileMax);
-                float* accRow = u.Acc + (long)r * dOut;
-                if (newMax != oldMax)
-                {
-                    // Rescale what was accumulated under the old max (a no-op on the first tile: everything is 0).
-                    float alpha = MathF.Exp(oldMax - newMax);
-                    u.Sum[r] *= alpha;
-                    Scale(accRow, alpha, dOut);
-                    u.Max[r] = newMax;
-                }
-                u.Sum[r] += ExpSubtract(scores, newMax, paddedCount);
-
-                t = 0;
-                for (; t + 4 <= count; t += 4)
-                    if (scores[t] != 0 || scores[t + 1] != 0 || scores[t + 2] != 0 || scores[t + 3] != 0)
-                        Accumulate4(accRow, scores + t, values + (long)t * valueStride, valueStride, dOut);
-                for (; t < count; t++)
-                    if (scores[t] != 0) Accumulate(accRow, scores[t], values + (long)t * valueStride, dOut);
             }
         }
+    }
+
+    /// <summary>Whether any of four weights is not 0 (a NaN counts as a weight: it must reach the output).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool AnyWeight(float* p) => p[0] != 0 || p[1] != 0 || p[2] != 0 || p[3] != 0;
+
+    /// <summary><c>acc += Σ p[t]·v_t</c> over the tile's keys.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void AccumulateRow(float* acc, float* p, float* values, int valueStride, int count, int dim)
+    {
+        int t = 0;
+        for (; t + 4 <= count; t += 4)
+            if (AnyWeight(p + t)) Accumulate4(acc, p + t, values + (long)t * valueStride, valueStride, dim);
+        for (; t < count; t++)
+            if (p[t] != 0) Accumulate(acc, p[t], values + (long)t * valueStride, dim);
+    }
+
+    /// <summary>
+    /// Turns query row <paramref name="r"/>'s raw dot products over the tile into its weights: soft-cap, ALiBi and the
+    /// mask, then the online-softmax step (new running max, rescale of what was accumulated, <c>p = exp(s − max)</c>
+    /// in place, running sum). Returns false when the row sees none of these keys (nothing to accumulate).
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private bool UpdateState(in Unit u, int r, float* scores, int qi, int t0, int count, TileVisibility visibility)
+    {
+        var spec = _spec;
+        int paddedCount = (count + 7) & ~7;
+        for (int t = count; t < paddedCount; t++) scores[t] = float.NegativeInfinity;
+        if (spec.SoftCap > 0)
+        {
+            float cap = spec.SoftCap, inverseCap = 1f / spec.SoftCap;
+            for (int t = 0; t < count; t++) scores[t] = cap * MathF.Tanh(scores[t] * inverseCap);
+        }
+        if (spec.Alibi)
+        {
+            float slope = _slopes[u.Kvh * spec.GroupSize + (u.FirstRow + r) % spec.GroupSize];
+            for (int t = 0; t < count; t++) scores[t] -= slope * (qi - (t0 + t));
+        }
+        if (visibility == TileVisibility.Partial)
+        {
+            for (int t = 0; t < count; t++)
+                if (!Visible(qi, t0 + t)) scores[t] = float.NegativeInfinity;
+        }
+
+        float tileMax = Max(scores, paddedCount);
+        if (tileMax == float.NegativeInfinity) return false;
+        float oldMax = u.Max[r];
+        float newMax = MathF.Max(oldMax, tileMax);
+        if (newMax != oldMax)
+        {
+            // Rescale what was accumulated under the old max (a no-op on the first tile: everything is 0).
+            float alpha = MathF.Exp(oldMax - newMax);
+            u.Sum[r] *= alpha;
+            Scale(u.Acc + (long)r * spec.OutputDim, alpha, spec.OutputDim);
+            u.Max[r] = newMax;
+        }
+        u.Sum[r] += ExpSubtract(scores, newMax, paddedCount);
+        return true;
     }
 
     private enum TileVisibility { None, Partial, All }
@@ -234,28 +294,38 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
     }
 
     /// <summary>Widens keys [t0, t0 + count) of (row, head) to fp32 (rotating them when RoPE is on the fly) and, unless
-    /// keys serve as values, the values too.</summary>
-    private void LoadTile(int row, int head, int t0, int count, float* keyTile, float* valueTile, float* angles, float* cos, float* sin)
+    /// keys serve as values, the values too; meanwhile it prefetches the rows of the next <paramref name="count"/>
+    /// tokens below <paramref name="prefetchEnd"/>, so the next tile's memory latency overlaps this tile's work.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private void LoadTile(int row, int head, int t0, int count, int prefetchEnd, float* keyTile, float* valueTile, float* angles, float* cos, float* sin)
     {
         var spec = _spec;
         int dk = spec.HeadDim, dv = spec.ValueDim;
-        bool paged = spec.Cache.IsPaged, rope = spec.Rope.Enabled;
+        bool rope = spec.Rope.Enabled, reuse = spec.KeyReuse;
+        var current = new RowCursor(spec, _blockTable, row, head, t0);
+        var ahead = new RowCursor(spec, _blockTable, row, head, t0 + count);
+        int keyBytes = dk * sizeof(TIn), valueBytes = reuse ? 0 : dv * sizeof(TIn);
         for (int t = 0; t < count; t++)
         {
             int n = t0 + t;
-            int page = paged ? _blockTable[(long)row * spec.Cache.MaxPagesPerSequence + n / spec.Cache.PageSize] : 0;
+            if (n + count < prefetchEnd)
+            {
+                ahead.Next(out long aheadKey, out long aheadValue);
+                Prefetch(_keys + aheadKey, keyBytes);
+                Prefetch(_values + aheadValue, valueBytes);
+            }
+            current.Next(out long keyOffset, out long valueOffset);
             float* key = keyTile + (long)t * dk;
-            TIn* keySource = _keys + spec.StorageOffset(row, n, page, head, dk);
-            if (spec.KeyReuse && rope)
+            if (reuse && rope)
             {
                 float* plain = valueTile + (long)t * dk;
-                Widen(keySource, plain, dk);
+                Widen(_keys + keyOffset, plain, dk);
                 Buffer.MemoryCopy(plain, key, (long)dk * sizeof(float), (long)dk * sizeof(float));
             }
             else
             {
-                Widen(keySource, key, dk);
-                if (!spec.KeyReuse) Widen(_values + spec.StorageOffset(row, n, page, head, dv), valueTile + (long)t * dv, dv);
+                Widen(_keys + keyOffset, key, dk);
+                if (!reuse) Widen(_values + valueOffset, valueTile + (long)t * dv, dv);
             }
             if (rope)
             {
@@ -265,31 +335,56 @@ internal readonly unsafe struct DecodeAttentionCpuJob<TIn, TOut> where TIn : unm
         }
     }
 
-    /// <summary>RoPE of one fp32 key row at <paramref name="position"/>, with the spec's fp32 angles.</summary>
-    private void Rotate(float* key, int position, float* angles, float* cos, float* sin)
+    /// <summary>
+    /// Walks the storage offsets of one (row, head)'s key and value rows token by token: a fixed stride within a page
+    /// (or the whole contiguous row), the block table and its division only at page starts.
+    /// </summary>
+    private struct RowCursor
     {
-        int pairs = _spec.RotaryDim / 2;
-        float p = position;
-        for (int i = 0; i < pairs; i++) angles[i] = p * _invFreq[i];
-        CosSin(angles, cos, sin, pairs);
-        if (_spec.Rope.Style == RopeStyle.RotateHalf)
+        private readonly DecodeAttentionSpec _spec;
+        private readonly int* _blockTable;
+        private readonly int _row, _head;
+        private readonly long _keyStride, _valueStride;
+        private int _token, _leftInPage;
+        private long _key, _value;
+
+        public RowCursor(in DecodeAttentionSpec spec, int* blockTable, int row, int head, int token)
         {
-            float* y = key + pairs;
-            for (int i = 0; i < pairs; i++)
-            {
-                float a = key[i], c = y[i];
-                key[i] = a * cos[i] - c * sin[i];
-                y[i] = a * sin[i] + c * cos[i];
-            }
+            _spec = spec;
+            _blockTable = blockTable;
+            _row = row;
+            _head = head;
+            _token = token;
+            bool nhd = spec.Cache.Layout == KvLayout.Nhd;
+            _keyStride = nhd ? (long)spec.PoolKvHeads * spec.HeadDim : spec.HeadDim;
+            _valueStride = spec.KeyReuse ? 0 : nhd ? (long)spec.PoolKvHeads * spec.ValueDim : spec.ValueDim;
+            _leftInPage = 0;
+            _key = _value = 0;
         }
-        else
+
+        /// <summary>Offsets of the current token's rows; then moves to the next token.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Next(out long key, out long value)
         {
-            for (int i = 0; i < pairs; i++)
+            if (_leftInPage == 0)
             {
-                float a = key[2 * i], c = key[2 * i + 1];
-                key[2 * i] = a * cos[i] - c * sin[i];
-                key[2 * i + 1] = a * sin[i] + c * cos[i];
+                var cache = _spec.Cache;
+                int page = cache.IsPaged ? _blockTable[(long)_row * cache.MaxPagesPerSequence + _token / cache.PageSize] : 0;
+                _key = _spec.StorageOffset(_row, _token, page, _head, _spec.HeadDim);
+                _value = _spec.KeyReuse ? 0 : _spec.StorageOffset(_row, _token, page, _head, _spec.ValueDim);
+                _leftInPage = cache.IsPaged ? cache.PageSize - _token % cache.PageSize : int.MaxValue;
             }
+            key = _key;
+            value = _value;
+            _key += _keyStride;
+            _value += _valueStride;
+            _leftInPage--;
+            _token++;
         }
     }
+
+    /// <summary>RoPE of one fp32 key row at <paramref name="position"/>, with the spec's fp32 angles.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private void Rotate(float* key, int position, float* angles, float* cos, float* sin) =>
+        RotateRow(key, position, _invFreq, _spec.RotaryDim / 2, _spec.Rope.Style == RopeStyle.Interleaved, angles, cos, sin);
 }
