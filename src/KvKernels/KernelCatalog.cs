@@ -1,3 +1,4 @@
+using KvKernels.Attention;
 using KvKernels.Compilation;
 using KvKernels.Paging;
 
@@ -25,5 +26,6 @@ public static class KernelCatalog
     public static IReadOnlyList<CatalogEntry> Entries { get; } =
     [
         .. PagedKvKernels.Specializations.Select(s => new CatalogEntry("paging", s, PagedKvKernels.EntryPoints)),
+        .. DecodeAttentionKernels.Specializations.Select(s => new CatalogEntry("attention", s, DecodeAttentionKernels.EntryPoints)),
     ];
 }

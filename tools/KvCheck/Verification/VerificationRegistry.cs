@@ -6,5 +6,6 @@ internal static class VerificationRegistry
     public static IReadOnlyList<IVerification> All { get; } =
     [
         .. PagingVerifications.All,
+        .. AttentionVerifications.All,
     ];
 }

@@ -1,0 +1,780 @@
+// decode.cu — fused decode attention over a KV cache (q_len 1..16, GQA/MQA/MHA), its split-KV combine,
+// and the standalone merge of two attention states.
+//
+//   attention_decode        the op of DecodeAttentionSpec (src/KvKernels/Attention/DecodeAttentionSpec.cs):
+//                           visibility (causal inside the q_len new tokens, sliding window + sink tokens),
+//                           scale, soft-cap tanh, ALiBi, on-the-fly RoPE of the keys, key reuse (V := the
+//                           un-rotated K), ragged rows, contiguous and paged NHD/HND storage. With splits == 1
+//                           it writes the output (and the natural-log LSE when asked); with splits > 1 each
+//                           split writes its fp32 normalised partial output and natural-log LSE to the
+//                           workspace (an empty split writes zeros and -inf).
+//   attention_merge_splits  combines the splits' partials into the output type and the optional LSE.
+//   attention_merge_states  MergeStatesSpec: two (output, LSE) states -> one, element type OUT_TYPE.
+//
+// Compile-time macros (defaults below): HEAD_DIM (Dk) and VALUE_DIM (Dv), multiples of 8 in 8..576;
+// INPUT_BF16 (0 fp16 / 1 bf16 query, keys, values); OUT_TYPE (0 fp16, 1 bf16, 2 fp32 output; also the
+// element type of attention_merge_states); PAGED (0 contiguous, 1 paged); KV_LAYOUT_HND (0 NHD, 1 HND);
+// ROPE_STYLE (0 none, 1 rotate-half, 2 interleaved); KEY_REUSE (0/1; needs VALUE_DIM == HEAD_DIM).
+// Everything that does not shape the loops is a run-time argument: window, sinks, scale, soft-cap, ALiBi
+// (slopes pointer non-null), explicit RoPE positions (positions pointer non-null), rotary dim and theta.
+//
+// Work decomposition (research/kernel_techniques.md §1.4, §1.7, §1.9):
+// - One CTA of 4 warps per (storage row, KV head, split, query-row tile). The query rows of a KV head are
+//   the q_len x group (token, head) pairs, packed row p = token * group + head-in-group. A CTA holds
+//   (4 / tokenStreams) x kRows of them; when a KV head has more rows than that, further row tiles go to
+//   other CTAs, and EACH ROW TILE RE-READS THE KV CHUNK (from L2 when the tiles run together: they are
+//   adjacent in blockIdx.x). Up to 16 rows (8 for head dims > 256) share every K/V byte loaded from HBM.
+// - tokenStreams (1, 2 or 4, chosen by the host) splits the warps between row groups and token streams:
+//   with few rows (MHA decode: 1 row per KV head) the 4 warps take different tokens of each tile and
+//   their softmax states are merged through shared memory at the end.
+// - K and V tiles of kTile tokens go to shared memory with 16-byte cp.async.cg, double buffered: tile
+//   k + 2 is in flight while tile k is computed. The block-table lookup for tile k + 2 is issued before
+//   tile k is computed, so its latency hides behind the math. Tokens past the chunk are zero-filled
+//   (src-size 0): unused cache slots may hold NaN and 0 * NaN would poison the output.
+// - Only tokens some row of the CTA can see are streamed: with a window, the list is [0, sinks) followed
+//   by [L - q_len - window + 1, L), and a split covers a contiguous chunk of that list, chunk =
+//   ceil(count / splits) rounded up to the tile, computed here from the row's length (so a captured CUDA
+//   graph stays valid when lengths change).
+// - QK: lane (token t = lane % kKt, part = lane / kKt) dots its part of the key row with each of the
+//   warp's rows (query in shared memory as fp32, pre-scaled), then the parts are summed with shuffles.
+//   Key rows are padded so the 16-byte loads of a quarter warp hit 8 distinct bank groups.
+// - Online softmax in base 2: logits * log2(e), p = ex2(s - m), guarded so a fully masked tile never
+//   computes (-inf) - (-inf). fp32 accumulation throughout; the output is converted once.
+// - PV: lane (token group, 16-byte column chunk) accumulates p * v for its chunk; p comes from the QK
+//   lane of the token by a shuffle. Token groups are folded with shuffles at the end.
+// - RoPE: after a tile lands, the CTA rotates it into an fp32 tile (rotating the 16-bit keys in place
+//   would round them); the angle is the spec's fp32 product (float)pos * invFreq[i], with
+//   invFreq[i] = (float)pow((double)theta, -2i / rotaryDim) and an accurate sincos (sincos_accurate:
+//   angles reach 1e5 rad, where __sincosf is useless). With key reuse the raw 16-bit tile is the value tile.
+// CUDA cores only: tensor-core packing of the group into the MMA M dimension is the next step.
+#include "common/kvk_types.cuh"
+#include "common/kvk_index.cuh"
+#include "common/kvk_fp16.cuh"
+#include "common/kvk_vec.cuh"
+#include "common/kvk_async.cuh"
+#include "common/kvk_math.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+#ifndef VALUE_DIM
+#define VALUE_DIM HEAD_DIM
+#endif
+#ifndef INPUT_BF16
+#define INPUT_BF16 0
+#endif
+#ifndef OUT_TYPE
+#define OUT_TYPE 0
+#endif
+#ifndef PAGED
+#define PAGED 1
+#endif
+#ifndef KV_LAYOUT_HND
+#define KV_LAYOUT_HND 0
+#endif
+#ifndef ROPE_STYLE
+#define ROPE_STYLE 0
+#endif
+#ifndef KEY_REUSE
+#define KEY_REUSE 0
+#endif
+
+static_assert(HEAD_DIM % 8 == 0 && HEAD_DIM >= 8 && HEAD_DIM <= 576, "HEAD_DIM must be a multiple of 8 in 8..576");
+static_assert(VALUE_DIM % 8 == 0 && VALUE_DIM >= 8 && VALUE_DIM <= 576, "VALUE_DIM must be a multiple of 8 in 8..576");
+static_assert(INPUT_BF16 == 0 || INPUT_BF16 == 1, "INPUT_BF16 must be 0 or 1");
+static_assert(OUT_TYPE >= 0 && OUT_TYPE <= 2, "OUT_TYPE must be 0 (fp16), 1 (bf16) or 2 (fp32)");
+static_assert(PAGED == 0 || PAGED == 1, "PAGED must be 0 or 1");
+static_assert(KV_LAYOUT_HND == 0 || KV_LAYOUT_HND == 1, "KV_LAYOUT_HND must be 0 or 1");
+static_assert(ROPE_STYLE >= 0 && ROPE_STYLE <= 2, "ROPE_STYLE must be 0, 1 or 2");
+static_assert(KEY_REUSE == 0 || KEY_REUSE == 1, "KEY_REUSE must be 0 or 1");
+static_assert(KEY_REUSE == 0 || VALUE_DIM == HEAD_DIM, "KEY_REUSE reads the keys as values: VALUE_DIM must be HEAD_DIM");
+
+namespace kvk_attn {
+
+#if INPUT_BF16
+typedef kvk_bf16 in_t;
+#else
+typedef kvk_f16 in_t;
+#endif
+
+#if OUT_TYPE == 0
+typedef kvk_f16 out_t;
+#elif OUT_TYPE == 1
+typedef kvk_bf16 out_t;
+#else
+typedef float out_t;
+#endif
+
+__host__ __device__ constexpr int pow2_floor(int x) { return x < 2 ? 1 : 2 * pow2_floor(x / 2); }
+__host__ __device__ constexpr int clamp_int(int x, int lo, int hi) { return x < lo ? lo : (x > hi ? hi : x); }
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int round16(int bytes) { return (bytes + 15) / 16 * 16; }
+__host__ __device__ constexpr int max_int(int a, int b) { return a < b ? b : a; }
+
+// Row stride (in 16-byte units) of a key tile read by the QK lanes, >= units. A quarter warp's 8 lanes
+// are min(8, kt) tokens x (8 / min(8, kt)) consecutive units; they hit 8 distinct 16-byte bank groups
+// when stride % (2q) == q with q = max(1, 8 / kt) (an odd stride when 8 tokens share the quarter).
+__host__ __device__ constexpr int padded_stride(int units, int kt)
+{
+    return units % (2 * (kt >= 8 ? 1 : 8 / kt)) == (kt >= 8 ? 1 : 8 / kt) ? units : padded_stride(units + 1, kt);
+}
+
+// The host (DecodeAttentionKernels.cs, DecodeLayout) computes the same numbers: keep them in step.
+enum : int {
+    kWarps = 4,
+    kThreads = kWarps * 32,
+    kDk = HEAD_DIM,
+    kDv = KEY_REUSE ? HEAD_DIM : VALUE_DIM,
+    kRope = ROPE_STYLE != 0 ? 1 : 0,
+    // Tokens per warp sub-tile: about 4 KB of K+V per warp sub-tile, 16 KB per stage.
+    kTokenBytes = 2 * (kDk + (KEY_REUSE ? 0 : kDv)),
+    kKt = clamp_int(pow2_floor(4096 / kTokenBytes), 2, 32),
+    kTile = kWarps * kKt,                        // tokens per pipeline stage
+    kLpt = 32 / kKt,                             // QK lanes per token
+    kUnitElems = kRope ? 4 : 8,                  // key elements per 16-byte unit of the QK tile
+    kKUnits = kDk / kUnitElems,
+    kKStride = padded_stride(kKUnits, kKt),      // QK tile row stride (units)
+    kKUnitsPerLane = ceil_div(kKUnits, kLpt),
+    kRawUnits = kDk / 8,                         // 16-bit key row in 16-byte units
+    kKStageStride = kRope ? kRawUnits : kKStride,
+    kVUnits = kDv / 8,
+    kTg = kVUnits <= 32 ? 32 / kVUnits : 1,      // PV token groups per warp
+    kVpl = kVUnits <= 32 ? 1 : ceil_div(kVUnits, 32),   // PV column chunks per lane
+    kVStride = KEY_REUSE ? kKStageStride : kVUnits,
+    kPvSteps = ceil_div(kKt, kTg),
+    kRows = (kDk > 256 || kDv > 256) ? 2 : 4,    // query rows per warp
+    kMaxCtaRows = kWarps * kRows,
+    // Shared memory (bytes), in this order; the merge scratch reuses the pipeline buffers.
+    kQBytes = kMaxCtaRows * kDk * 4,
+    kIdxBytes = 2 * kTile * 8,
+    kPosBytes = kRope ? round16(2 * kTile * 4) : 0,
+    kFreqBytes = kRope ? round16(kDk / 2 * 4) : 0,
+    kKStageBytes = kTile * kKStageStride * 16,   // per stage
+    kVStageBytes = KEY_REUSE ? 0 : kTile * kVUnits * 16,
+    kRotBytes = kRope ? kTile * kKStride * 16 : 0,
+    kPipeBytes = 2 * kKStageBytes + 2 * kVStageBytes + kRotBytes,
+    kScratchBytes = round16(kMaxCtaRows * (kDv + 2) * 4),
+    kSharedBytes = kQBytes + kIdxBytes + kPosBytes + kFreqBytes + max_int(kPipeBytes, kScratchBytes),
+};
+
+static_assert(kKt * kLpt == 32, "a warp sub-tile is kKt tokens x kLpt lanes");
+static_assert(kTile <= kThreads, "one thread per token computes the tile's addresses");
+static_assert(kDk / 2 <= 4 * kThreads, "RoPE frequency table");
+
+KVK_INLINE float neg_inf() { return kvk_u32_as_f32(0xFF800000u); }
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 8 inputs (one 16-byte vector) -> float.
+KVK_INLINE void unpack8(const kvk_v16& v, float (&f)[8])
+{
+#if INPUT_BF16
+    kvk_unpack_bf16x2(v.x, f[0], f[1]);
+    kvk_unpack_bf16x2(v.y, f[2], f[3]);
+    kvk_unpack_bf16x2(v.z, f[4], f[5]);
+    kvk_unpack_bf16x2(v.w, f[6], f[7]);
+#else
+    kvk_unpack_f16x2(v.x, f[0], f[1]);
+    kvk_unpack_f16x2(v.y, f[2], f[3]);
+    kvk_unpack_f16x2(v.z, f[4], f[5]);
+    kvk_unpack_f16x2(v.w, f[6], f[7]);
+#endif
+}
+
+KVK_INLINE float in_to_float(kvk_u16 bits)
+{
+#if INPUT_BF16
+    return kvk_bf16_bits_to_f32_soft(bits);
+#else
+    return kvk_f16_to_f32(kvk_f16{bits});
+#endif
+}
+
+KVK_INLINE kvk_u32 pack_out(float lo, float hi)
+{
+#if OUT_TYPE == 1
+    return kvk_pack_bf16x2(lo, hi);
+#else
+    return kvk_pack_f16x2(lo, hi);
+#endif
+}
+
+// Stores 8 results at dst (16-byte aligned; 32-byte for fp32).
+KVK_INLINE void store8(out_t* dst, const float (&f)[8])
+{
+#if OUT_TYPE == 2
+    kvk_st(reinterpret_cast<kvk_v16*>(dst), kvk_v16{kvk_f32_as_u32(f[0]), kvk_f32_as_u32(f[1]), kvk_f32_as_u32(f[2]), kvk_f32_as_u32(f[3])});
+    kvk_st(reinterpret_cast<kvk_v16*>(dst) + 1, kvk_v16{kvk_f32_as_u32(f[4]), kvk_f32_as_u32(f[5]), kvk_f32_as_u32(f[6]), kvk_f32_as_u32(f[7])});
+#else
+    kvk_st(reinterpret_cast<kvk_v16*>(dst), kvk_v16{pack_out(f[0], f[1]), pack_out(f[2], f[3]), pack_out(f[4], f[5]), pack_out(f[6], f[7])});
+#endif
+}
+
+// Stores 4 results at dst (8-byte aligned; 16-byte for fp32).
+KVK_INLINE void store4(out_t* dst, float a, float b, float c, float d)
+{
+#if OUT_TYPE == 2
+    kvk_st(reinterpret_cast<kvk_v16*>(dst), kvk_v16{kvk_f32_as_u32(a), kvk_f32_as_u32(b), kvk_f32_as_u32(c), kvk_f32_as_u32(d)});
+#else
+    kvk_st(reinterpret_cast<kvk_v8*>(dst), kvk_v8{pack_out(a, b), pack_out(c, d)});
+#endif
+}
+
+KVK_INLINE float out_to_float(out_t x)
+{
+#if OUT_TYPE == 0
+    return kvk_f16_to_f32(x);
+#elif OUT_TYPE == 1
+    return kvk_bf16_to_f32(x);
+#else
+    return x;
+#endif
+}
+
+KVK_INLINE out_t float_to_out(float x)
+{
+#if OUT_TYPE == 0
+    return kvk_f32_to_f16(x);
+#elif OUT_TYPE == 1
+    return kvk_f32_to_bf16(x);
+#else
+    return x;
+#endif
+}
+
+KVK_INLINE float warp_max(float x, int firstMask, int endMask)
+{
+    for (int mask = firstMask; mask < endMask; mask <<= 1) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, mask));
+    return x;
+}
+
+KVK_INLINE float warp_sum(float x, int firstMask, int endMask)
+{
+    for (int mask = firstMask; mask < endMask; mask <<= 1) x += __shfl_xor_sync(0xFFFFFFFFu, x, mask);
+    return x;
+}
+
+// sin and cos of a float angle of any magnitude below 2^31, within about 2 ulp, like the library's
+// accurate sincosf (NOT __sincosf: RoPE angles reach 1e5 rad and more) but without its Payne-Hanek slow
+// path, whose local-memory array would give the kernel a stack frame. Reduction by pi/2 in double: the
+// fma rounds x - k*pi2hi once (error <= 2^-53 * pi/4) and pi2lo corrects pi2hi's own error, so r is
+// accurate to ~1e-16 for every |k| < 2^31. Then Cephes' float minimax polynomials on [-pi/4, pi/4].
+KVK_INLINE void sincos_accurate(float x, float& sinOut, float& cosOut)
+{
+    const double k = rint((double)x * 0.63661977236758134308);
+    double r = fma(-k, 1.5707963267948966, (double)x);
+    r = fma(-k, 6.123233995736766e-17, r);
+    const float rf = (float)r, z = rf * rf;
+    const float sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * rf + rf;
+    const float cp = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
+    switch ((int)((kvk_i64)k & 3)) {
+    case 0: sinOut = sp; cosOut = cp; break;
+    case 1: sinOut = cp; cosOut = -sp; break;
+    case 2: sinOut = -sp; cosOut = -cp; break;
+    default: sinOut = -cp; cosOut = sp; break;
+    }
+}
+
+// The visible token list of a CTA: [0, aEnd) then [bStart, length); position e of the list is token
+// e < aEnd ? e : bStart + (e - aEnd).
+struct token_list {
+    int aEnd, bStart, count;
+
+    KVK_INLINE token_list(int length, int queryLength, int window, int sinks)
+    {
+        bStart = 0;
+        aEnd = 0;
+        if (window > 0) {
+            // The first query token (index length - queryLength) sees keys from its index - window + 1 on.
+            const kvk_i64 first = (kvk_i64)length - queryLength - window + 1;
+            bStart = first > 0 ? (int)first : 0;
+            aEnd = kvk_min(sinks, bStart);
+        }
+        count = aEnd + (length - bStart);
+    }
+
+    KVK_INLINE int token(int e) const { return e < aEnd ? e : bStart + (e - aEnd); }
+};
+
+}  // namespace kvk_attn
+
+using namespace kvk_attn;
+
+extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
+    const in_t* __restrict__ query, const in_t* __restrict__ keys, const in_t* __restrict__ values,
+    const kvk_i32* __restrict__ lengths, const kvk_i32* __restrict__ blockTable, const kvk_i32* __restrict__ positions,
+    const float* __restrict__ alibiSlopes, out_t* __restrict__ output, float* __restrict__ lse,
+    float* __restrict__ partialOutput, float* __restrict__ partialLse,
+    kvk_i32 batch, kvk_i32 queryLength, kvk_i32 numQueryHeads, kvk_i32 numKvHeads, kvk_i32 ragged, kvk_i32 poolKvHeads,
+    kvk_i32 maxTokens, kvk_i32 pageSize, kvk_i32 maxPagesPerSeq,
+    float scale, float softCap, kvk_i32 window, kvk_i32 sinks, kvk_i32 rotaryDim, float ropeTheta,
+    kvk_i32 splits, kvk_i32 tokenStreams, kvk_i32 rowTiles, kvk_i32 sharedBytes)
+{
+    // The host sizes the dynamic shared memory from the same formula; a mismatch is a library bug.
+    if (sharedBytes != kSharedBytes) __trap();
+    KVK_DYNAMIC_SHARED(kvk_u8, smem);
+    float* const qTile = reinterpret_cast<float*>(smem);                                     // [kMaxCtaRows][kDk]
+    kvk_i64* const rowIndex = reinterpret_cast<kvk_i64*>(smem + kQBytes);                    // [2][kTile]
+    kvk_i32* const tokenPos = reinterpret_cast<kvk_i32*>(smem + kQBytes + kIdxBytes);        // [2][kTile] (RoPE)
+    float* const invFreq = reinterpret_cast<float*>(smem + kQBytes + kIdxBytes + kPosBytes); // [kDk / 2] (RoPE)
+    kvk_u8* const pipe = smem + kQBytes + kIdxBytes + kPosBytes + kFreqBytes;
+    kvk_u8* const kStage = pipe;                                                   // [2][kTile][kKStageStride] units
+    kvk_u8* const vStage = pipe + 2 * kKStageBytes;                                // [2][kTile][kVUnits] units
+    float* const kRot = reinterpret_cast<float*>(pipe + 2 * kKStageBytes + 2 * kVStageBytes);  // [kTile][kKStride] units
+
+    const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    // blockIdx.x = ((b * Hkv + kvh) * splits + split) * rowTiles + rowTile: the row tiles of one KV chunk
+    // are neighbours, so their re-reads of it come from L2.
+    kvk_u32 flat = blockIdx.x;
+    const int rowTile = (int)(flat % (kvk_u32)rowTiles);
+    flat /= (kvk_u32)rowTiles;
+    const int split = (int)(flat % (kvk_u32)splits);
+    flat /= (kvk_u32)splits;
+    const int kvh = (int)(flat % (kvk_u32)numKvHeads);
+    const int b = (int)(flat / (kvk_u32)numKvHeads);
+    if (b >= batch) return;
+
+    const int group = numQueryHeads / numKvHeads;
+    const int packedRows = queryLength * group;
+    const int storageRow = ragged ? b * numKvHeads + kvh : b;
+    const int storageHead = poolKvHeads == 1 ? 0 : kvh;
+    const int length = kvk_max(0, kvk_min(kvk_ldg_i32(lengths + storageRow), maxTokens));
+
+    const int rowGroups = kWarps / tokenStreams;
+    const int ctaRows = rowGroups * kRows;
+    const int rowBase = rowTile * ctaRows;
+    const int wr = warp / tokenStreams, wt = warp % tokenStreams;
+
+    // ---- query rows -> shared memory, fp32, pre-multiplied by the scale (rows past the end are zeros)
+    for (int c = tid; c < ctaRows * (kDk / 8); c += kThreads) {
+        const int r = c / (kDk / 8), u = c % (kDk / 8);
+        const int pr = rowBase + r;
+        float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (pr < packedRows) {
+            const int i = pr / group, h = kvh * group + pr % group;
+            const in_t* q = query + (((kvk_i64)b * queryLength + i) * numQueryHeads + h) * kDk + u * 8;
+            unpack8(kvk_ld_nc(reinterpret_cast<const kvk_v16*>(q)), f);
+            KVK_UNROLL
+            for (int e = 0; e < 8; ++e) f[e] *= scale;
+        }
+        float* dst = qTile + r * kDk + u * 8;
+        reinterpret_cast<float4*>(dst)[0] = make_float4(f[0], f[1], f[2], f[3]);
+        reinterpret_cast<float4*>(dst)[1] = make_float4(f[4], f[5], f[6], f[7]);
+    }
+#if ROPE_STYLE != 0
+    for (int i = tid; i < rotaryDim / 2; i += kThreads)
+        invFreq[i] = (float)pow((double)ropeTheta, -2.0 * i / rotaryDim);
+#endif
+
+    // ---- this split's chunk of the visible token list
+    const token_list list(length, queryLength, window, sinks);
+    const kvk_i64 chunk = ((kvk_i64)ceil_div(list.count, splits) + kTile - 1) / kTile * kTile;
+    const int eBegin = (int)kvk_min<kvk_i64>(list.count, split * chunk);
+    const int eEnd = (int)kvk_min<kvk_i64>(list.count, eBegin + chunk);
+    const int numTiles = ceil_div(eEnd - eBegin, kTile);
+
+    // Per-row constants of this warp's rows (warp-uniform): the query's logical index and ALiBi slope.
+    int qIndex[kRows];
+    float slope[kRows];
+    KVK_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+        const int pr = rowBase + wr * kRows + r;
+        qIndex[r] = -1;   // a padding row sees nothing
+        slope[r] = 0.0f;
+        if (pr < packedRows) {
+            qIndex[r] = length - queryLength + pr / group;
+            if (alibiSlopes != nullptr) slope[r] = alibiSlopes[kvh * group + pr % group];
+        }
+    }
+
+#if PAGED
+    const kvk_fastdiv pageDiv((kvk_u32)pageSize);
+    const kvk_i32* const table = blockTable + (kvk_i64)storageRow * maxPagesPerSeq;
+    const int slotsPerPage = pageSize;
+#else
+    const int slotsPerPage = maxTokens;
+#endif
+
+    // Storage row (in head rows of Dk or Dv elements) of list position e, or -1 past the chunk; RoPE position.
+    auto locate = [&](int e, int& pos) -> kvk_i64 {
+        pos = 0;
+        if (e >= eEnd) return -1;
+        const int n = list.token(e);
+#if ROPE_STYLE != 0
+        pos = positions != nullptr ? kvk_ldg_i32(positions + (kvk_i64)storageRow * maxTokens + n) : n;
+#endif
+#if PAGED
+        kvk_u32 pageIndex, offset;
+        pageDiv.divmod((kvk_u32)n, pageIndex, offset);
+        const kvk_i64 page = kvk_ldg_i32(table + pageIndex);
+#else
+        const kvk_i64 page = storageRow;
+        const kvk_u32 offset = (kvk_u32)n;
+#endif
+#if KV_LAYOUT_HND
+        return (page * poolKvHeads + storageHead) * slotsPerPage + offset;
+#else
+        return (page * slotsPerPage + offset) * poolKvHeads + storageHead;
+#endif
+    };
+
+    // Issues the cp.asyncs of tile `t` into stage `s` (addresses from rowIndex[s]); always commits a group.
+    auto issue = [&](int t, int s) {
+        if (t < numTiles) {
+            const kvk_i64* idx = rowIndex + s * kTile;
+            kvk_u8* kDst = kStage + s * kKStageBytes;
+            for (int c = tid; c < kTile * kRawUnits; c += kThreads) {
+                const int token = c / kRawUnits, u = c % kRawUnits;
+                const kvk_i64 row = idx[token];
+                const in_t* src = row >= 0 ? keys + row * kDk + u * 8 : keys;
+                kvk_cp_async_cg16(kDst + (token * kKStageStride + u) * 16, src, row >= 0 ? 16u : 0u);
+            }
+#if !KEY_REUSE
+            kvk_u8* vDst = vStage + s * kVStageBytes;
+            for (int c = tid; c < kTile * kVUnits; c += kThreads) {
+                const int token = c / kVUnits, u = c % kVUnits;
+                const kvk_i64 row = idx[token];
+                const in_t* src = row >= 0 ? values + row * kDv + u * 8 : values;
+                kvk_cp_async_cg16(vDst + (token * kVUnits + u) * 16, src, row >= 0 ? 16u : 0u);
+            }
+#endif
+        }
+        kvk_cp_async_commit();
+    };
+
+    // ---- prologue: addresses of tiles 0 and 1, then their loads
+    KVK_UNROLL
+    for (int s = 0; s < 2; ++s) {
+        if (tid < kTile) {
+            int pos;
+            rowIndex[s * kTile + tid] = locate(eBegin + s * kTile + tid, pos);
+            if (kRope) tokenPos[s * kTile + tid] = pos;
+        }
+    }
+    __syncthreads();
+    issue(0, 0);
+    issue(1, 1);
+
+    // Online softmax state of this warp's rows: m (base-2 max, warp-uniform), l (this lane's share of the
+    // sum), o (this lane's column chunks).
+    float m[kRows], l[kRows], o[kRows][kVpl][8];
+    KVK_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+        m[r] = neg_inf();
+        l[r] = 0.0f;
+        KVK_UNROLL
+        for (int j = 0; j < kVpl; ++j)
+            KVK_UNROLL
+            for (int e = 0; e < 8; ++e) o[r][j][e] = 0.0f;
+    }
+
+    // Lane roles. QK: token qkToken of the sub-tile, key units qkPart + kLpt * u. PV: token group pvGroup,
+    // column chunks pvChunk + 32 * j (lanes past kTg * kVUnits only compute what nobody reads).
+    const int qkToken = lane % kKt, qkPart = lane / kKt;
+    const int pvGroup = kTg > 1 ? lane / kVUnits : 0;
+    const int pvChunk = kTg > 1 ? lane % kVUnits : lane;
+#if ROPE_STYLE != 0
+    const int halfRotary = rotaryDim / 2;
+    const kvk_fastdiv halfDiv((kvk_u32)kvk_max(halfRotary, 1));
+    const int plainDims = kDk - rotaryDim;
+    const kvk_fastdiv plainDiv((kvk_u32)kvk_max(plainDims, 1));
+#endif
+
+    for (int k = 0; k < numTiles; ++k) {
+        const int s = k & 1;
+        // Address of tile k + 2, loaded now so that the table read overlaps this tile's math.
+        kvk_i64 nextRow = -1;
+        int nextPos = 0;
+        if (tid < kTile) nextRow = locate(eBegin + (k + 2) * kTile + tid, nextPos);
+
+        kvk_cp_async_wait_group<1>();   // tile k has landed (this thread's copies) ...
+        __syncthreads();                // ... and everyone's
+
+#if ROPE_STYLE != 0
+        {
+            // Rotate the 16-bit tile into the fp32 QK tile.
+            const kvk_u16* raw = reinterpret_cast<const kvk_u16*>(kStage + s * kKStageBytes);
+            const kvk_i32* pos = tokenPos + s * kTile;
+            for (int c = tid; c < kTile * halfRotary; c += kThreads) {
+                kvk_u32 token, i;
+                halfDiv.divmod((kvk_u32)c, token, i);
+                const float angle = __fmul_rn((float)pos[token], invFreq[i]);
+                float sn, cs;
+                sincos_accurate(angle, sn, cs);
+                const int a = ROPE_STYLE == 1 ? (int)i : 2 * (int)i;
+                const int bIdx = ROPE_STYLE == 1 ? (int)i + halfRotary : 2 * (int)i + 1;
+                const float x = in_to_float(raw[token * kDk + a]), y = in_to_float(raw[token * kDk + bIdx]);
+                float* dst = kRot + token * (kKStride * 4);
+                dst[a] = x * cs - y * sn;
+                dst[bIdx] = x * sn + y * cs;
+            }
+            for (int c = tid; c < kTile * plainDims; c += kThreads) {
+                kvk_u32 token, d;
+                plainDiv.divmod((kvk_u32)c, token, d);
+                kRot[token * (kKStride * 4) + rotaryDim + (int)d] = in_to_float(raw[token * kDk + rotaryDim + (int)d]);
+            }
+            __syncthreads();
+        }
+        const kvk_u8* const qkTile = reinterpret_cast<const kvk_u8*>(kRot);
+#else
+        const kvk_u8* const qkTile = kStage + s * kKStageBytes;
+#endif
+#if KEY_REUSE
+        const kvk_u8* const pvTile = kStage + s * kKStageBytes;
+#else
+        const kvk_u8* const pvTile = vStage + s * kVStageBytes;
+#endif
+
+        for (int sub = wt; sub < kWarps; sub += tokenStreams) {
+            // ---- QK: this lane's part of token qkToken's dot product with each row
+            const int tileToken = sub * kKt + qkToken;
+            const int e = eBegin + k * kTile + tileToken;
+            const bool inChunk = e < eEnd;
+            const int n = list.token(e);
+            float acc[kRows];
+            KVK_UNROLL
+            for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+            KVK_UNROLL
+            for (int u = 0; u < kKUnitsPerLane; ++u) {
+                const int unit = u * kLpt + qkPart;
+                if (kKUnits % kLpt != 0 && unit >= kKUnits) break;
+                const kvk_u8* kp = qkTile + (tileToken * kKStride + unit) * 16;
+                float kf[kUnitElems];
+#if ROPE_STYLE != 0
+                const float4 k4 = *reinterpret_cast<const float4*>(kp);
+                kf[0] = k4.x; kf[1] = k4.y; kf[2] = k4.z; kf[3] = k4.w;
+#else
+                unpack8(*reinterpret_cast<const kvk_v16*>(kp), kf);
+#endif
+                KVK_UNROLL
+                for (int r = 0; r < kRows; ++r) {
+                    const float* qp = qTile + (wr * kRows + r) * kDk + unit * kUnitElems;
+                    KVK_UNROLL
+                    for (int h = 0; h < kUnitElems / 4; ++h) {
+                        const float4 q4 = reinterpret_cast<const float4*>(qp)[h];
+                        acc[r] = fmaf(q4.x, kf[4 * h + 0], acc[r]);
+                        acc[r] = fmaf(q4.y, kf[4 * h + 1], acc[r]);
+                        acc[r] = fmaf(q4.z, kf[4 * h + 2], acc[r]);
+                        acc[r] = fmaf(q4.w, kf[4 * h + 3], acc[r]);
+                    }
+                }
+            }
+
+            // ---- logits -> online softmax (every part lane of a token holds the same values)
+            float p[kRows];
+            KVK_UNROLL
+            for (int r = 0; r < kRows; ++r) {
+                float score = warp_sum(acc[r], kKt, 32);
+                if (softCap > 0.0f) score = softCap * tanhf(score / softCap);
+                if (alibiSlopes != nullptr) score -= slope[r] * (float)(qIndex[r] - n);
+                const bool visible = inChunk && n <= qIndex[r] && (window == 0 || n < sinks || qIndex[r] - n < window);
+                const float t2 = visible ? score * kLog2e : neg_inf();
+                const float mNew = fmaxf(m[r], warp_max(t2, 1, kKt));
+                const float mUse = mNew == neg_inf() ? 0.0f : mNew;   // no (-inf) - (-inf)
+                const float alpha = kvk_ex2(m[r] - mUse);
+                p[r] = kvk_ex2(t2 - mUse);
+                l[r] = l[r] * alpha + (qkPart == 0 ? p[r] : 0.0f);
+                m[r] = mNew;
+                KVK_UNROLL
+                for (int j = 0; j < kVpl; ++j)
+                    KVK_UNROLL
+                    for (int x = 0; x < 8; ++x) o[r][j][x] *= alpha;
+            }
+
+            // ---- PV: p of token t lives in lane t
+            KVK_UNROLL
+            for (int step = 0; step < kPvSteps; ++step) {
+                const int t = step * kTg + pvGroup;
+                const int tc = kvk_min(t, kKt - 1);
+                float pv[kRows];
+                KVK_UNROLL
+                for (int r = 0; r < kRows; ++r) {
+                    pv[r] = __shfl_sync(0xFFFFFFFFu, p[r], tc);
+                    if (kKt % kTg != 0 && t >= kKt) pv[r] = 0.0f;   // V is finite (zero-filled past the chunk)
+                }
+                KVK_UNROLL
+                for (int j = 0; j < kVpl; ++j) {
+                    const int chunkIndex = kvk_min(pvChunk + 32 * j, kVUnits - 1);
+                    float vf[8];
+                    unpack8(*reinterpret_cast<const kvk_v16*>(pvTile + ((sub * kKt + tc) * kVStride + chunkIndex) * 16), vf);
+                    KVK_UNROLL
+                    for (int r = 0; r < kRows; ++r)
+                        KVK_UNROLL
+                        for (int x = 0; x < 8; ++x) o[r][j][x] = fmaf(pv[r], vf[x], o[r][j][x]);
+                }
+            }
+        }
+
+        if (tid < kTile) {
+            rowIndex[s * kTile + tid] = nextRow;
+            if (kRope) tokenPos[s * kTile + tid] = nextPos;
+        }
+        __syncthreads();   // stage s and its addresses are free
+        issue(k + 2, s);
+    }
+    kvk_cp_async_wait_all();
+
+    // ---- fold: l over the warp, o over the token groups (into lanes pvGroup == 0)
+    KVK_UNROLL
+    for (int r = 0; r < kRows; ++r) l[r] = warp_sum(l[r], 1, 32);
+    if (kTg > 1) {
+        KVK_UNROLL
+        for (int r = 0; r < kRows; ++r)
+            KVK_UNROLL
+            for (int j = 0; j < kVpl; ++j)
+                KVK_UNROLL
+                for (int x = 0; x < 8; ++x) {
+                    // Every shuffle reads the unfolded value: lane c gathers lanes c + g * kVUnits.
+                    const float mine = o[r][j][x];
+                    float sum = mine;
+                    KVK_UNROLL
+                    for (int g = 1; g < kTg; ++g) sum += __shfl_sync(0xFFFFFFFFu, mine, (lane + g * kVUnits) & 31);
+                    o[r][j][x] = sum;
+                }
+    }
+    // Lanes that own output columns: token group 0, chunks below kVUnits.
+    const bool ownsColumns = pvGroup == 0 && pvChunk < kVUnits;
+
+    // ---- merge the token streams of each row group (through shared memory; it reuses the pipeline buffers)
+    if (tokenStreams > 1) {
+        __syncthreads();   // every warp is done with the pipeline buffers
+        float* const ml = reinterpret_cast<float*>(pipe);   // [kWarps * kRows][2]
+        float* const so = ml + kMaxCtaRows * 2;              // [kWarps * kRows][kDv]
+        KVK_UNROLL
+        for (int r = 0; r < kRows; ++r) {
+            const int slot = warp * kRows + r;
+            if (lane == 0) {
+                ml[slot * 2] = m[r];
+                ml[slot * 2 + 1] = l[r];
+            }
+            KVK_UNROLL
+            for (int j = 0; j < kVpl; ++j) {
+                const int ch = pvChunk + 32 * j;
+                if (ownsColumns && ch < kVUnits) {
+                    float4* dst = reinterpret_cast<float4*>(so + slot * kDv + ch * 8);
+                    dst[0] = make_float4(o[r][j][0], o[r][j][1], o[r][j][2], o[r][j][3]);
+                    dst[1] = make_float4(o[r][j][4], o[r][j][5], o[r][j][6], o[r][j][7]);
+                }
+            }
+        }
+        __syncthreads();
+        if (wt == 0) {
+            for (int other = 1; other < tokenStreams; ++other) {
+                KVK_UNROLL
+                for (int r = 0; r < kRows; ++r) {
+                    const int slot = (warp + other) * kRows + r;
+                    const float m2 = ml[slot * 2], l2 = ml[slot * 2 + 1];
+                    const float mNew = fmaxf(m[r], m2);
+                    const float mUse = mNew == neg_inf() ? 0.0f : mNew;
+                    const float a1 = kvk_ex2(m[r] - mUse), a2 = kvk_ex2(m2 - mUse);
+                    l[r] = l[r] * a1 + l2 * a2;
+                    m[r] = mNew;
+                    KVK_UNROLL
+                    for (int j = 0; j < kVpl; ++j) {
+                        const int ch = kvk_min(pvChunk + 32 * j, kVUnits - 1);
+                        const float4* src = reinterpret_cast<const float4*>(so + slot * kDv + ch * 8);
+                        const float4 x0 = src[0], x1 = src[1];
+                        const float add[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+                        KVK_UNROLL
+                        for (int x = 0; x < 8; ++x) o[r][j][x] = o[r][j][x] * a1 + add[x] * a2;
+                    }
+                }
+            }
+        }
+    }
+    if (wt != 0) return;
+
+    // ---- results: o / l and the natural-log LSE, or this split's partial state
+    const kvk_i64 outRows = (kvk_i64)batch * queryLength * numQueryHeads;
+    KVK_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+        const int pr = rowBase + wr * kRows + r;
+        if (pr >= packedRows) break;
+        const int i = pr / group, h = kvh * group + pr % group;
+        const kvk_i64 outRow = ((kvk_i64)b * queryLength + i) * numQueryHeads + h;
+        const bool empty = !(l[r] > 0.0f);
+        const float inv = empty ? 0.0f : 1.0f / l[r];
+        const float lseValue = empty ? neg_inf() : (m[r] + kvk_lg2(l[r])) * kLn2;
+        KVK_UNROLL
+        for (int j = 0; j < kVpl; ++j) {
+            const int ch = pvChunk + 32 * j;
+            if (!ownsColumns || ch >= kVUnits) continue;
+            float f[8];
+            KVK_UNROLL
+            for (int x = 0; x < 8; ++x) f[x] = o[r][j][x] * inv;
+            if (splits == 1) {
+                store8(output + outRow * kDv + ch * 8, f);
+            } else {
+                float4* dst = reinterpret_cast<float4*>(partialOutput + ((kvk_i64)split * outRows + outRow) * kDv + ch * 8);
+                dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+                dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+            }
+        }
+        if (lane == 0) {
+            if (splits > 1) partialLse[(kvk_i64)split * outRows + outRow] = lseValue;
+            else if (lse != nullptr) lse[outRow] = lseValue;
+        }
+    }
+}
+
+// One warp per output row: lse = ln sum_s e^lse_s, o = sum_s e^(lse_s - lse) o_s. Empty splits (lse -inf)
+// weigh nothing; a row whose splits are all empty gets zeros and -inf. dim is a multiple of 8.
+extern "C" __global__ __launch_bounds__(256) void attention_merge_splits(
+    const float* __restrict__ partialOutput, const float* __restrict__ partialLse, out_t* __restrict__ output,
+    float* __restrict__ lse, kvk_i32 numRows, kvk_i32 dim, kvk_i32 splits)
+{
+    const int lane = (int)(threadIdx.x & 31);
+    const kvk_i64 warps = (kvk_i64)gridDim.x * (blockDim.x / 32);
+    for (kvk_i64 row = ((kvk_i64)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < numRows; row += warps) {
+        float mx = neg_inf();
+        for (int s = 0; s < splits; ++s) mx = fmaxf(mx, partialLse[(kvk_i64)s * numRows + row]);
+        const bool empty = mx == neg_inf();
+        float sum = 0.0f;
+        if (!empty)
+            for (int s = 0; s < splits; ++s) sum += kvk_ex2((partialLse[(kvk_i64)s * numRows + row] - mx) * kLog2e);
+        const float inv = empty ? 0.0f : 1.0f / sum;
+        for (int c = lane; c < dim / 4; c += 32) {
+            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (!empty) {
+                for (int s = 0; s < splits; ++s) {
+                    const float w = kvk_ex2((partialLse[(kvk_i64)s * numRows + row] - mx) * kLog2e);
+                    if (w == 0.0f) continue;   // an empty split's zeros, or an underflow: nothing to add
+                    const float4 x = reinterpret_cast<const float4*>(partialOutput + ((kvk_i64)s * numRows + row) * dim)[c];
+                    acc.x = fmaf(w, x.x, acc.x);
+                    acc.y = fmaf(w, x.y, acc.y);
+                    acc.z = fmaf(w, x.z, acc.z);
+                    acc.w = fmaf(w, x.w, acc.w);
+                }
+            }
+            store4(output + row * dim + c * 4, acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+        }
+        if (lse != nullptr && lane == 0) lse[row] = empty ? neg_inf() : mx + kvk_lg2(sum) * kLn2;
+    }
+}
+
+// MergeStatesSpec: one warp per row; any dim (1..1024), element type out_t.
+extern "C" __global__ __launch_bounds__(256) void attention_merge_states(
+    const out_t* __restrict__ outputA, const float* __restrict__ lseA, const out_t* __restrict__ outputB,
+    const float* __restrict__ lseB, out_t* __restrict__ output, float* __restrict__ lse, kvk_i32 rows, kvk_i32 dim)
+{
+    const int lane = (int)(threadIdx.x & 31);
+    const kvk_i64 warps = (kvk_i64)gridDim.x * (blockDim.x / 32);
+    for (kvk_i64 row = ((kvk_i64)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < rows; row += warps) {
+        const float la = lseA[row], lb = lseB[row];
+        const float mx = fmaxf(la, lb);
+        const bool empty = mx == neg_inf();
+        const float wa = empty ? 0.0f : kvk_ex2((la - mx) * kLog2e);
+        const float wb = empty ? 0.0f : kvk_ex2((lb - mx) * kLog2e);
+        const float inv = empty ? 0.0f : 1.0f / (wa + wb);
+        const kvk_i64 base = row * dim;
+        for (int c = lane; c < dim; c += 32) {
+            // A state that weighs nothing is skipped, not multiplied by 0 (its output may be anything).
+            const float a = wa > 0.0f ? wa * out_to_float(outputA[base + c]) : 0.0f;
+            const float bv = wb > 0.0f ? wb * out_to_float(outputB[base + c]) : 0.0f;
+            output[base + c] = float_to_out((a + bv) * inv);
+        }
+        if (lane == 0) lse[row] = empty ? neg_inf() : mx + kvk_lg2(wa + wb) * kLn2;
+    }
+}

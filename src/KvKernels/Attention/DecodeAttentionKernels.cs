@@ -1,0 +1,407 @@
+using System.Collections.Concurrent;
+using System.Numerics;
+using KvKernels.Compilation;
+using KvKernels.Cuda;
+using KvKernels.Paging;
+
+namespace KvKernels.Attention;
+
+/// <summary>
+/// The GPU decode-attention ops (<c>cuda/attention/decode.cu</c>) on one device: fused decode attention over paged or
+/// contiguous KV storage (the op of <see cref="DecodeAttentionSpec"/>, same validation as <see cref="DecodeAttentionCpu"/>),
+/// split-KV with an optional <see cref="DecodeAttentionWorkspace"/>, and <see cref="MergeStates{T}"/>. Kernels are
+/// compiled and loaded on first use of each specialization; calls are stream-ordered, never synchronise and allocate
+/// nothing once the kernels are loaded.
+/// </summary>
+public sealed class DecodeAttentionKernels
+{
+    /// <summary>The kernel source, under <c>cuda/</c>.</summary>
+    public const string Source = "attention/decode.cu";
+
+    /// <summary>The entry points every specialization contains.</summary>
+    public static IReadOnlyList<string> EntryPoints { get; } = ["attention_decode", "attention_merge_splits", "attention_merge_states"];
+
+    /// <summary>
+    /// The specializations the library ships (compile-gated): head dims 64, 128, 256 × fp16/bf16 (output of the same
+    /// type) × paged/contiguous, NHD, no RoPE, no key reuse; head dim 512 bf16 paged; head dim 128 fp16 paged with an
+    /// fp32 output. Their <c>attention_merge_states</c> serves <see cref="MergeStates{T}"/> for fp16, bf16 and fp32.
+    /// Every other shape compiles on demand.
+    /// </summary>
+    public static IReadOnlyList<KernelSpecialization> Specializations { get; } =
+    [
+        .. from dim in new[] { 64, 128, 256 }
+           from type in new[] { AttentionElement.Float16, AttentionElement.BFloat16 }
+           from paged in new[] { true, false }
+           select Specialize(new DecodeKey(dim, dim, type, type, paged, KvLayout.Nhd, RopeStyle.None, false)),
+        Specialize(new DecodeKey(512, 512, AttentionElement.BFloat16, AttentionElement.BFloat16, true, KvLayout.Nhd, RopeStyle.None, false)),
+        Specialize(MergeKey(AttentionElement.Float32)),
+    ];
+
+    /// <summary>Threads of a decode CTA (the kernel's <c>kThreads</c>).</summary>
+    private const int DecodeThreads = 128;
+
+    /// <summary>Most decode CTAs per SM the kernel's <c>__launch_bounds__(128, 3)</c> plans registers for.</summary>
+    private const int DecodeCtasPerSm = 3;
+
+    private const int MergeThreads = 256;
+
+    /// <summary>The heuristic never plans more splits than this (spec.Splits may force more).</summary>
+    public const int MaxPlannedSplits = 64;
+
+    /// <summary>The heuristic's smallest chunk of a row per split, in tokens (FlashInfer's floor is 128–256).</summary>
+    public const int MinSplitTokens = 256;
+
+    private readonly CudaDevice _device;
+    private readonly ConcurrentDictionary<DecodeKey, DecodeModule> _modules = new();
+    private readonly CudaKernel?[] _mergeStates = new CudaKernel?[3];
+
+    /// <summary>Binds the ops to <paramref name="device"/>; kernels are compiled and loaded on first use.</summary>
+    public DecodeAttentionKernels(CudaDevice device)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        _device = device;
+    }
+
+    /// <summary>
+    /// Decode attention over paged KV pools (<see cref="KvStorage.Paged"/>): see <see cref="DecodeAttentionSpec"/> for
+    /// the math and the tensors. The table holds the block table and lengths of the spec's rows.
+    /// </summary>
+    /// <param name="spec">Shapes, types, storage and options (paged storage).</param>
+    /// <param name="query">Query <c>[B, q_len, Hq, HeadDim]</c>, already rotated when RoPE is used.</param>
+    /// <param name="keys">Key pool.</param>
+    /// <param name="values">Value pool; default with key reuse.</param>
+    /// <param name="table">Block table and lengths of <see cref="DecodeAttentionSpec.Rows"/> rows, validated for this pool.</param>
+    /// <param name="output">Output <c>[B, q_len, Hq, OutputDim]</c>, written.</param>
+    /// <param name="lse">Natural-log LSE <c>[B, q_len, Hq]</c>, written; default when not wanted.</param>
+    /// <param name="workspace">Scratch for split-KV; null runs one split per row.</param>
+    /// <param name="positions">RoPE positions <c>[rows, MaxTokens]</c> with explicit positions, else default.</param>
+    /// <param name="alibiSlopes">ALiBi slopes <c>[Hq]</c> with ALiBi, else default.</param>
+    /// <param name="stream">Stream (the default stream when null).</param>
+    /// <exception cref="ArgumentException">A bad spec, buffer, index buffer or workspace; nothing is launched.</exception>
+    public void Run<TIn, TOut>(in DecodeAttentionSpec spec, DeviceSpan<TIn> query, DeviceSpan<TIn> keys, DeviceSpan<TIn> values,
+        DeviceBlockTable table, DeviceSpan<TOut> output, DeviceSpan<float> lse = default, DecodeAttentionWorkspace? workspace = null,
+        DeviceSpan<int> positions = default, DeviceSpan<float> alibiSlopes = default, CudaStream? stream = null)
+        where TIn : unmanaged where TOut : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(table);
+        if (!spec.Cache.IsPaged)
+            throw new ArgumentException("spec.Cache is contiguous storage; pass the lengths as DeviceSequenceLengths (the other Run overload).", nameof(spec));
+        spec.ValidateBuffers<TIn, TOut>(query.Length, keys.Length, values.Length, spec.Rows, spec.BlockTableElements, output.Length, lse.Length,
+            positions.Length, alibiSlopes.Length);
+        if (!ReferenceEquals(table.Device, _device)) throw new ArgumentException("The block table belongs to another device.", nameof(table));
+        if (table.Pool.NumPages != spec.Cache.NumPages || table.Pool.PageSize != spec.Cache.PageSize)
+            throw new ArgumentException($"The block table was validated for {table.Pool.NumPages} pages of {table.Pool.PageSize}; spec.Cache has {spec.Cache.NumPages} of {spec.Cache.PageSize}.", nameof(table));
+        if (table.MaxPagesPerSequence != spec.Cache.MaxPagesPerSequence)
+            throw new ArgumentException($"The block table has {table.MaxPagesPerSequence} columns; spec.Cache.MaxPagesPerSequence is {spec.Cache.MaxPagesPerSequence}.", nameof(table));
+        if (table.BatchSize != spec.Rows)
+            throw new ArgumentException($"The block table holds {table.BatchSize} rows; the spec has {spec.Rows}.", nameof(table));
+        Launch(spec, query, keys, values, table.Lengths, table.Table, table.LongestSequence, output, lse, workspace, positions, alibiSlopes, stream);
+    }
+
+    /// <summary>
+    /// Decode attention over contiguous KV buffers (<see cref="KvStorage.Contiguous"/>): see <see cref="DecodeAttentionSpec"/>.
+    /// </summary>
+    /// <param name="spec">Shapes, types, storage and options (contiguous storage).</param>
+    /// <param name="query">Query <c>[B, q_len, Hq, HeadDim]</c>, already rotated when RoPE is used.</param>
+    /// <param name="keys">Keys <c>[rows, MaxTokens, PoolKvHeads, HeadDim]</c> (NHD) or <c>[rows, PoolKvHeads, MaxTokens, HeadDim]</c> (HND).</param>
+    /// <param name="values">Values, shaped like the keys with ValueDim; default with key reuse.</param>
+    /// <param name="lengths">Lengths of <see cref="DecodeAttentionSpec.Rows"/> rows, each at most MaxTokens.</param>
+    /// <param name="output">Output <c>[B, q_len, Hq, OutputDim]</c>, written.</param>
+    /// <param name="lse">Natural-log LSE <c>[B, q_len, Hq]</c>, written; default when not wanted.</param>
+    /// <param name="workspace">Scratch for split-KV; null runs one split per row.</param>
+    /// <param name="positions">RoPE positions <c>[rows, MaxTokens]</c> with explicit positions, else default.</param>
+    /// <param name="alibiSlopes">ALiBi slopes <c>[Hq]</c> with ALiBi, else default.</param>
+    /// <param name="stream">Stream (the default stream when null).</param>
+    /// <exception cref="ArgumentException">A bad spec, buffer, index buffer or workspace; nothing is launched.</exception>
+    public void Run<TIn, TOut>(in DecodeAttentionSpec spec, DeviceSpan<TIn> query, DeviceSpan<TIn> keys, DeviceSpan<TIn> values,
+        DeviceSequenceLengths lengths, DeviceSpan<TOut> output, DeviceSpan<float> lse = default, DecodeAttentionWorkspace? workspace = null,
+        DeviceSpan<int> positions = default, DeviceSpan<float> alibiSlopes = default, CudaStream? stream = null)
+        where TIn : unmanaged where TOut : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(lengths);
+        if (spec.Cache.IsPaged)
+            throw new ArgumentException("spec.Cache is paged storage; pass a DeviceBlockTable (the other Run overload).", nameof(spec));
+        spec.ValidateBuffers<TIn, TOut>(query.Length, keys.Length, values.Length, spec.Rows, 0, output.Length, lse.Length,
+            positions.Length, alibiSlopes.Length);
+        if (!ReferenceEquals(lengths.Device, _device)) throw new ArgumentException("The lengths belong to another device.", nameof(lengths));
+        if (lengths.Count != spec.Rows)
+            throw new ArgumentException($"The lengths hold {lengths.Count} rows; the spec has {spec.Rows}.", nameof(lengths));
+        if (lengths.LongestSequence > spec.Cache.MaxTokens)
+            throw new ArgumentException($"The lengths were validated for MaxTokens = {lengths.MaxTokens} and reach {lengths.LongestSequence}; spec.Cache.MaxTokens is {spec.Cache.MaxTokens}.", nameof(lengths));
+        Launch(spec, query, keys, values, lengths.Lengths, default, lengths.LongestSequence, output, lse, workspace, positions, alibiSlopes, stream);
+    }
+
+    /// <summary>
+    /// The split-KV count a call would use with an unbounded workspace: <see cref="DecodeAttentionSpec.Splits"/> when it
+    /// is set; else 1 when the B · Hkv · (query-row tiles) CTAs already fill about 80 % of the GPU's CTA slots (SMs ×
+    /// CTAs per SM), and otherwise enough splits to fill it, with chunks of at least <see cref="MinSplitTokens"/> of the
+    /// tokens a row can see, at most <see cref="MaxPlannedSplits"/>. Run clamps it to the workspace (1 without one).
+    /// </summary>
+    /// <param name="spec">The call.</param>
+    /// <param name="longestRow">The longest row's length (for example <see cref="DeviceBlockTable.LongestSequence"/>).</param>
+    /// <exception cref="ArgumentException">The spec is invalid or <paramref name="longestRow"/> is negative.</exception>
+    public int PlanSplits(in DecodeAttentionSpec spec, int longestRow)
+    {
+        spec.Validate();
+        ArgumentOutOfRangeException.ThrowIfNegative(longestRow);
+        if (spec.Splits > 0) return spec.Splits;
+        if (spec.BatchSize == 0 || longestRow == 0) return 1;
+        var layout = new DecodeLayout(spec.HeadDim, spec.ValueDim, spec.Rope.Enabled, spec.KeyReuse);
+        var (_, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
+        long ctas = (long)spec.BatchSize * spec.NumKvHeads * rowTiles;
+        var info = _device.Info;
+        int perSm = Math.Min(DecodeCtasPerSm, Math.Min(info.MaxThreadsPerMultiprocessor / DecodeThreads,
+            info.SharedMemoryPerMultiprocessor / (layout.SharedBytes + 1024)));
+        long slots = (long)Math.Max(1, info.MultiprocessorCount) * Math.Max(1, perSm);
+        if (ctas * 5 >= slots * 4) return 1;
+        long visible = spec.Window > 0 ? Math.Min(longestRow, (long)spec.Sinks + spec.Window + spec.QueryLength - 1) : longestRow;
+        long byChunk = Math.Max(1, visible / MinSplitTokens);
+        long fill = (slots + ctas - 1) / ctas;
+        return (int)Math.Clamp(Math.Min(fill, byChunk), 1, MaxPlannedSplits);
+    }
+
+    /// <summary>The split count <see cref="Run{TIn, TOut}(in DecodeAttentionSpec, DeviceSpan{TIn}, DeviceSpan{TIn}, DeviceSpan{TIn}, DeviceBlockTable, DeviceSpan{TOut}, DeviceSpan{float}, DecodeAttentionWorkspace?, DeviceSpan{int}, DeviceSpan{float}, CudaStream?)"/>
+    /// uses with <paramref name="workspace"/>: <see cref="PlanSplits(in DecodeAttentionSpec, int)"/> clamped to
+    /// <see cref="DecodeAttentionWorkspace.MaxSplits"/>, or 1 without a workspace.</summary>
+    /// <param name="spec">The call.</param>
+    /// <param name="longestRow">The longest row's length.</param>
+    /// <param name="workspace">The workspace the call will get, or null.</param>
+    /// <exception cref="ArgumentException">The spec is invalid or <paramref name="longestRow"/> is negative.</exception>
+    public int PlanSplits(in DecodeAttentionSpec spec, int longestRow, DecodeAttentionWorkspace? workspace)
+    {
+        int planned = PlanSplits(spec, longestRow);
+        return workspace is null ? 1 : Math.Min(planned, workspace.MaxSplits);
+    }
+
+    /// <summary>Merges two attention states (cascade attention, split-KV, several cache formats); see <see cref="MergeStatesSpec"/>.</summary>
+    /// <param name="spec">Rows and head dim.</param>
+    /// <param name="outputA">First state's output <c>[Rows, HeadDim]</c>.</param>
+    /// <param name="lseA">First state's natural-log LSE <c>[Rows]</c> (−∞: empty).</param>
+    /// <param name="outputB">Second state's output.</param>
+    /// <param name="lseB">Second state's LSE.</param>
+    /// <param name="output">Merged output, written (may be one of the inputs).</param>
+    /// <param name="lse">Merged LSE, written (may be one of the inputs).</param>
+    /// <param name="stream">Stream (the default stream when null).</param>
+    /// <exception cref="ArgumentException">A bad spec, element type or buffer; nothing is launched.</exception>
+    public void MergeStates<T>(in MergeStatesSpec spec, DeviceSpan<T> outputA, DeviceSpan<float> lseA, DeviceSpan<T> outputB,
+        DeviceSpan<float> lseB, DeviceSpan<T> output, DeviceSpan<float> lse, CudaStream? stream = null) where T : unmanaged
+    {
+        spec.Validate<T>(outputA.Length, lseA.Length, outputB.Length, lseB.Length, output.Length, lse.Length);
+        if (spec.Rows == 0) return;
+        CheckDevice(outputA, nameof(outputA));
+        CheckDevice(lseA, nameof(lseA));
+        CheckDevice(outputB, nameof(outputB));
+        CheckDevice(lseB, nameof(lseB));
+        CheckDevice(output, nameof(output));
+        CheckDevice(lse, nameof(lse));
+        var type = DecodeAttentionSpec.ElementOf<T>()!.Value;
+        var kernel = _mergeStates[(int)type] ??= Module(MergeKey(type)).MergeStates;
+
+        var args = new KernelArguments();
+        args.Add(outputA);
+        args.Add(lseA);
+        args.Add(outputB);
+        args.Add(lseB);
+        args.Add(output);
+        args.Add(lse);
+        args.Add(spec.Rows);
+        args.Add(spec.HeadDim);
+        kernel.Launch(new Dim3(MergeBlocks(spec.Rows)), MergeThreads, 0, stream, ref args);
+    }
+
+    private void Launch<TIn, TOut>(in DecodeAttentionSpec spec, DeviceSpan<TIn> query, DeviceSpan<TIn> keys, DeviceSpan<TIn> values,
+        DeviceSpan<int> lengths, DeviceSpan<int> blockTable, int longestRow, DeviceSpan<TOut> output, DeviceSpan<float> lse,
+        DecodeAttentionWorkspace? workspace, DeviceSpan<int> positions, DeviceSpan<float> alibiSlopes, CudaStream? stream)
+        where TIn : unmanaged where TOut : unmanaged
+    {
+        if (workspace is not null)
+        {
+            if (!ReferenceEquals(workspace.Device, _device)) throw new ArgumentException("The workspace belongs to another device.", nameof(workspace));
+            workspace.Check(spec, nameof(workspace));
+        }
+        CheckBuffer(query, nameof(query), aligned: true);
+        CheckBuffer(keys, nameof(keys), aligned: true);
+        CheckBuffer(values, nameof(values), aligned: true);
+        CheckBuffer(output, nameof(output), aligned: true);
+        CheckBuffer(lse, nameof(lse), aligned: false);
+        CheckBuffer(positions, nameof(positions), aligned: false);
+        CheckBuffer(alibiSlopes, nameof(alibiSlopes), aligned: false);
+        if (spec.OutputElements == 0) return;   // B = 0: nothing to write
+        if (spec.LseElements > int.MaxValue) throw new ArgumentException($"The call has {spec.LseElements} query rows; at most 2^31 − 1 are supported.", nameof(spec));
+
+        var key = KeyOf(spec);
+        var module = Module(key);
+        var layout = module.Layout;
+        var (streams, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
+        int splits = PlanSplits(spec, longestRow, workspace);
+        long grid = (long)spec.BatchSize * spec.NumKvHeads * splits * rowTiles;
+        if (grid > int.MaxValue) throw new ArgumentException($"The call needs {grid} CTAs; at most 2^31 − 1 are supported.", nameof(spec));
+
+        var args = new KernelArguments();
+        args.Add(query);
+        args.Add(keys);
+        // Optional inputs are passed by what the spec says, not by the span: an empty span can still carry the
+        // address of a zero-length allocation, and the kernel takes a non-null pointer as "present".
+        args.AddPointer(spec.KeyReuse ? 0 : values.Pointer);
+        args.Add(lengths);
+        args.AddPointer(spec.Cache.IsPaged ? blockTable.Pointer : 0);
+        args.AddPointer(spec.PositionElements > 0 ? positions.Pointer : 0);
+        args.AddPointer(spec.Alibi ? alibiSlopes.Pointer : 0);
+        args.Add(output);
+        args.AddPointer(lse.IsEmpty ? 0 : lse.Pointer);
+        args.AddPointer(splits > 1 ? workspace!.PartialOutput.Pointer : 0);
+        args.AddPointer(splits > 1 ? workspace!.PartialLse.Pointer : 0);
+        args.Add(spec.BatchSize);
+        args.Add(spec.QueryLength);
+        args.Add(spec.NumQueryHeads);
+        args.Add(spec.NumKvHeads);
+        args.Add(spec.Ragged ? 1 : 0);
+        args.Add(spec.PoolKvHeads);
+        args.Add(spec.Cache.MaxTokens);
+        args.Add(spec.Cache.PageSize);
+        args.Add(spec.Cache.MaxPagesPerSequence);
+        args.Add(spec.EffectiveScale);
+        args.Add(spec.SoftCap);
+        args.Add(spec.Window);
+        args.Add(spec.Sinks);
+        args.Add(spec.RotaryDim);
+        args.Add(spec.Rope.Theta);
+        args.Add(splits);
+        args.Add(streams);
+        args.Add(rowTiles);
+        args.Add(layout.SharedBytes);
+        module.Decode.Launch(new Dim3((uint)grid), DecodeThreads, layout.SharedBytes, stream, ref args);
+        if (splits == 1) return;
+
+        int rows = (int)spec.LseElements;
+        var merge = new KernelArguments();
+        merge.Add(workspace!.PartialOutput);
+        merge.Add(workspace.PartialLse);
+        merge.Add(output);
+        merge.AddPointer(lse.IsEmpty ? 0 : lse.Pointer);
+        merge.Add(rows);
+        merge.Add(spec.OutputDim);
+        merge.Add(splits);
+        module.MergeSplits.Launch(new Dim3(MergeBlocks(rows)), MergeThreads, 0, stream, ref merge);
+    }
+
+    /// <summary>One warp per row, a few waves of the device at most (the kernels loop over rows).</summary>
+    private uint MergeBlocks(int rows)
+    {
+        long needed = ((long)rows + MergeThreads / 32 - 1) / (MergeThreads / 32);
+        return (uint)Math.Clamp(needed, 1, Math.Max(1, _device.Info.MultiprocessorCount * 16L));
+    }
+
+    private DecodeModule Module(in DecodeKey key)
+    {
+        if (_modules.TryGetValue(key, out var module)) return module;
+        return _modules.GetOrAdd(key, k =>
+        {
+            var loaded = _device.LoadModule(Specialize(k));
+            return new DecodeModule(loaded.GetKernel(EntryPoints[0]), loaded.GetKernel(EntryPoints[1]), loaded.GetKernel(EntryPoints[2]),
+                new DecodeLayout(k.HeadDim, k.ValueDim, k.Rope != RopeStyle.None, k.KeyReuse));
+        });
+    }
+
+    private static DecodeKey KeyOf(in DecodeAttentionSpec spec) =>
+        new(spec.HeadDim, spec.KeyReuse ? spec.HeadDim : spec.ValueDim, spec.InputType, spec.OutputType, spec.Cache.IsPaged, spec.Cache.Layout,
+            spec.Rope.Style, spec.KeyReuse);
+
+    /// <summary>MergeStates of <paramref name="type"/> runs from a shipped decode specialization of that output type.</summary>
+    private static DecodeKey MergeKey(AttentionElement type) =>
+        new(128, 128, type == AttentionElement.BFloat16 ? AttentionElement.BFloat16 : AttentionElement.Float16, type, true, KvLayout.Nhd,
+            RopeStyle.None, false);
+
+    private static KernelSpecialization Specialize(in DecodeKey key) =>
+        KernelSpecialization.Create(Source,
+            ("HEAD_DIM", key.HeadDim),
+            ("VALUE_DIM", key.ValueDim),
+            ("INPUT_BF16", key.Input == AttentionElement.BFloat16 ? 1 : 0),
+            ("OUT_TYPE", key.Output switch { AttentionElement.Float16 => 0, AttentionElement.BFloat16 => 1, _ => 2 }),
+            ("PAGED", key.Paged ? 1 : 0),
+            ("KV_LAYOUT_HND", key.Layout == KvLayout.Hnd ? 1 : 0),
+            ("ROPE_STYLE", (int)key.Rope),
+            ("KEY_REUSE", key.KeyReuse ? 1 : 0));
+
+    private void CheckDevice<T>(DeviceSpan<T> span, string name) where T : unmanaged => _device.EnsureSame(span.Device, name);
+
+    /// <summary>A non-empty buffer must live on this device and, for the 16-byte vector loads and stores, be 16-byte aligned.</summary>
+    private void CheckBuffer<T>(DeviceSpan<T> span, string name, bool aligned) where T : unmanaged
+    {
+        if (span.IsEmpty) return;
+        _device.EnsureSame(span.Device, name);
+        if (aligned && span.Pointer % 16 != 0)
+            throw new ArgumentException($"{name} is at 0x{span.Pointer:x}; the decode kernel reads and writes 16-byte vectors and needs 16-byte aligned buffers.", name);
+    }
+
+    private readonly record struct DecodeKey(int HeadDim, int ValueDim, AttentionElement Input, AttentionElement Output, bool Paged,
+        KvLayout Layout, RopeStyle Rope, bool KeyReuse);
+
+    private sealed record DecodeModule(CudaKernel Decode, CudaKernel MergeSplits, CudaKernel MergeStates, DecodeLayout Layout);
+}
+
+/// <summary>
+/// The decode kernel's compile-time tiling and shared-memory size for one specialization: the same formulas as the
+/// <c>enum</c> in <c>cuda/attention/decode.cu</c> (the kernel traps when the host's shared size differs from its own).
+/// </summary>
+internal readonly record struct DecodeLayout
+{
+    private const int Warps = 4;
+
+    public DecodeLayout(int headDim, int valueDim, bool rope, bool keyReuse)
+    {
+        int dk = headDim, dv = keyReuse ? headDim : valueDim;
+        int tokenBytes = 2 * (dk + (keyReuse ? 0 : dv));
+        int perWarp = 4096 / tokenBytes;
+        int kt = Math.Clamp(perWarp < 1 ? 1 : 1 << BitOperations.Log2((uint)perWarp), 2, 32);   // pow2 floor
+        int tile = Warps * kt;
+        int kUnits = dk / (rope ? 4 : 8);
+        int kStride = PaddedStride(kUnits, kt);
+        int kStageStride = rope ? dk / 8 : kStride;
+        int vUnits = dv / 8;
+        RowsPerWarp = dk > 256 || dv > 256 ? 2 : 4;
+        TileTokens = tile;
+        int maxCtaRows = Warps * RowsPerWarp;
+        int q = maxCtaRows * dk * 4;
+        int idx = 2 * tile * 8;
+        int pos = rope ? Round16(2 * tile * 4) : 0;
+        int freq = rope ? Round16(dk / 2 * 4) : 0;
+        int kStage = tile * kStageStride * 16;
+        int vStage = keyReuse ? 0 : tile * vUnits * 16;
+        int rot = rope ? tile * kStride * 16 : 0;
+        int pipe = 2 * kStage + 2 * vStage + rot;
+        int scratch = Round16(maxCtaRows * (dv + 2) * 4);
+        SharedBytes = q + idx + pos + freq + Math.Max(pipe, scratch);
+    }
+
+    /// <summary>Query rows per warp (kRows).</summary>
+    public int RowsPerWarp { get; }
+
+    /// <summary>Tokens per pipeline stage (kTile).</summary>
+    public int TileTokens { get; }
+
+    /// <summary>Dynamic shared memory of a decode CTA (kSharedBytes).</summary>
+    public int SharedBytes { get; }
+
+    /// <summary>
+    /// How a KV head's <paramref name="packedRows"/> query rows (q_len × group) spread over CTAs: with few rows the
+    /// 4 warps split the tokens instead (token streams 4 or 2); beyond 4 × RowsPerWarp rows, row tiles of that size.
+    /// </summary>
+    public (int TokenStreams, int RowTiles) RowPlan(int packedRows)
+    {
+        if (packedRows <= RowsPerWarp) return (4, 1);
+        if (packedRows <= 2 * RowsPerWarp) return (2, 1);
+        int perCta = Warps * RowsPerWarp;
+        return (1, (packedRows + perCta - 1) / perCta);
+    }
+
+    private static int Round16(int bytes) => (bytes + 15) / 16 * 16;
+
+    private static int PaddedStride(int units, int kt)
+    {
+        int q = kt >= 8 ? 1 : 8 / kt;
+        int s = units;
+        while (s % (2 * q) != q) s++;
+        return s;
+    }
+}
