@@ -216,3 +216,96 @@ internal sealed class CpuDecode(AttentionModel m, int batch, int tokens, int pag
 
     public override void Dispose() => _sets.Clear();
 }
+
+/// <summary>
+/// <c>attention.merge_states</c>: two fp32 states of <c>rows × D</c> merged into a third (cascade attention, split-KV,
+/// caches stored in several formats). Shape string <c>rows=&lt;rows&gt; D=&lt;dim&gt; fp32</c>; bytes: three outputs and
+/// three LSE vectors.
+/// </summary>
+internal static class MergeStatesBench
+{
+    public static IEnumerable<GpuBenchCase> Gpu() => [new GpuMergeStates(64 * 32, 128), new GpuMergeStates(64 * 32 * 16, 128)];
+
+    public static IEnumerable<CpuBenchCase> Cpu() => [new CpuMergeStates(64 * 32, 128)];
+
+    public static string Shape(int rows, int dim) => $"rows={rows} D={dim} fp32";
+
+    public static long Bytes(int rows, int dim) => 3L * rows * dim * 4 + 3L * rows * 4;
+}
+
+internal sealed class GpuMergeStates(int rows, int dim) : GpuBenchCase
+{
+    private readonly List<(DeviceMemory<float> A, DeviceMemory<float> LseA, DeviceMemory<float> B, DeviceMemory<float> LseB)> _sets = [];
+    private DeviceMemory<float>? _output, _lse;
+    private DecodeAttentionKernels? _kernels;
+    private readonly MergeStatesSpec _spec = new(rows, dim);
+
+    public override string Op => "attention.merge_states";
+    public override string Shape => MergeStatesBench.Shape(rows, dim);
+    public override long BytesMoved => MergeStatesBench.Bytes(rows, dim);
+    public override double? GoalPercent => null;
+    public override long SharedAllocationBytes => (long)rows * (dim + 1) * 4;
+    public override long SetAllocationBytes => 2L * rows * (dim + 1) * 4;
+
+    public override void Prepare(CudaDevice device, CudaStream stream, int sets, int seed)
+    {
+        var rng = new Random(seed);
+        _kernels = new DecodeAttentionKernels(device);
+        _output = device.Allocate<float>(_spec.Elements);
+        _lse = device.Allocate<float>(rows);
+        float[] Values(long n) => Enumerable.Range(0, (int)n).Select(_ => rng.NextSingle() * 2 - 1).ToArray();
+        for (int s = 0; s < sets; s++)
+            _sets.Add((device.Allocate<float>(Values(_spec.Elements)), device.Allocate<float>(Values(rows)),
+                device.Allocate<float>(Values(_spec.Elements)), device.Allocate<float>(Values(rows))));
+    }
+
+    public override void Enqueue(CudaStream stream, int set)
+    {
+        var (a, lseA, b, lseB) = _sets[set];
+        _kernels!.MergeStates(_spec, a.Span, lseA.Span, b.Span, lseB.Span, _output!.Span, _lse!.Span, stream);
+    }
+
+    public override void Dispose()
+    {
+        foreach (var (a, lseA, b, lseB) in _sets)
+        {
+            a.Dispose();
+            lseA.Dispose();
+            b.Dispose();
+            lseB.Dispose();
+        }
+        _sets.Clear();
+        _output?.Dispose();
+        _lse?.Dispose();
+    }
+}
+
+internal sealed class CpuMergeStates(int rows, int dim) : CpuBenchCase
+{
+    private readonly List<(float[] A, float[] LseA, float[] B, float[] LseB)> _sets = [];
+    private readonly MergeStatesSpec _spec = new(rows, dim);
+    private float[] _output = [], _lse = [];
+
+    public override string Op => "attention.merge_states";
+    public override string Shape => MergeStatesBench.Shape(rows, dim);
+    public override long BytesMoved => MergeStatesBench.Bytes(rows, dim);
+    public override long SharedAllocationBytes => (long)rows * (dim + 1) * 4;
+    public override long SetAllocationBytes => 2L * rows * (dim + 1) * 4;
+
+    public override void Prepare(int sets, int seed)
+    {
+        var rng = new Random(seed);
+        _output = new float[_spec.Elements];
+        _lse = new float[rows];
+        float[] Values(long n) => Enumerable.Range(0, (int)n).Select(_ => rng.NextSingle() * 2 - 1).ToArray();
+        for (int s = 0; s < sets; s++) _sets.Add((Values(_spec.Elements), Values(rows), Values(_spec.Elements), Values(rows)));
+    }
+
+    public override void Run(int set)
+    {
+        var (a, lseA, b, lseB) = _sets[set];
+        DecodeAttentionCpu.MergeStates<float>(_spec, a, lseA, b, lseB, _output, _lse);
+    }
+
+    public override void Dispose() => _sets.Clear();
+}
