@@ -38,12 +38,11 @@ public sealed record AttentionCpuShape(int QueryHeads, int KvHeads, int HeadDim,
 /// GQA (32q/8kv D128), MQA with a wide head (64q/1kv D256), MHA (32q/32kv D128); B = 1 to 8, N = 1k to 8k;
 /// contiguous and page 16. The caches are 8 MiB (MQA, B = 1, compute-bound anyway) to 128 MiB, read once per call.
 /// </summary>
-public class AttentionCpuBenchmarks
+public class AttentionCpuBenchmarks : MemoryProbeBenchmarks
 {
     private Half[] _query = [], _keys = [], _values = [], _output = [];
     private float[] _lse = [];
     private int[] _lengths = [], _table = [];
-    private byte[] _probeSource = [], _probeDestination = [], _readProbe = [];
     private DecodeAttentionSpec _spec;
 
     public static IEnumerable<AttentionCpuShape> Shapes =>
@@ -73,9 +72,7 @@ public class AttentionCpuBenchmarks
         _lse = new float[_spec.LseElements];
         _lengths = Enumerable.Repeat(s.Tokens, s.Batch).ToArray();
         _table = s.PageSize == 0 ? [] : Patterns.Permutation(_spec.Cache.NumPages, rng);
-        _probeSource = Patterns.RandomArray<byte>(s.KvBytes / 2, rng);
-        _probeDestination = Patterns.RandomArray<byte>(s.KvBytes / 2, rng);
-        _readProbe = Patterns.RandomArray<byte>(s.KvBytes, rng);
+        SetUpProbes(s.KvBytes / 2, s.KvBytes, rng);
     }
 
     /// <summary>Values in [−2, 2) (random bytes would be NaN and ∞ as fp16), a 1 Mi-element random block repeated.</summary>
@@ -87,43 +84,6 @@ public class AttentionCpuBenchmarks
         for (long offset = 0; offset < length; offset += block.Length)
             block.AsSpan(0, (int)Math.Min(block.Length, length - offset)).CopyTo(result.AsSpan((int)offset));
         return result;
-    }
-
-    /// <summary>The bandwidth probe: Span.CopyTo of M/2 bytes (M/2 read + M/2 written).</summary>
-    [Benchmark(Baseline = true)]
-    public void MemoryCopyProbe() => _probeSource.AsSpan().CopyTo(_probeDestination);
-
-    /// <summary>The same copy split over all cores.</summary>
-    [Benchmark]
-    public void MemoryCopyProbeParallel()
-    {
-        int parts = Environment.ProcessorCount;
-        long length = _probeSource.LongLength, chunk = (length + parts - 1) / parts;
-        Parallel.For(0, parts, p =>
-        {
-            long start = p * chunk, n = Math.Min(chunk, length - start);
-            if (n > 0) _probeSource.AsSpan((int)start, (int)n).CopyTo(_probeDestination.AsSpan((int)start, (int)n));
-        });
-    }
-
-    /// <summary>A read of all M bytes over all cores (a vectorized sum, kept so it is not optimized away).</summary>
-    [Benchmark]
-    public long MemoryReadProbeParallel()
-    {
-        int parts = Environment.ProcessorCount;
-        long length = _readProbe.LongLength, chunk = (length + parts - 1) / parts;
-        long total = 0;
-        Parallel.For(0, parts, p =>
-        {
-            long start = p * chunk, n = Math.Min(chunk, length - start);
-            if (n <= 0) return;
-            var longs = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, long>(_readProbe.AsSpan((int)start, (int)n));
-            var sum = System.Numerics.Vector<long>.Zero;
-            var vectors = System.Runtime.InteropServices.MemoryMarshal.Cast<long, System.Numerics.Vector<long>>(longs);
-            foreach (var v in vectors) sum += v;
-            Interlocked.Add(ref total, System.Numerics.Vector.Sum(sum));
-        });
-        return total;
     }
 
     /// <summary>Decode attention of one query token per sequence, fp16 output and the LSE.</summary>

@@ -79,11 +79,10 @@ internal static class Patterns
 /// the Ratio column is probe time / op time and the "% of copy" column the same in GB/s terms. Buffers are 128 MiB per
 /// op call, far beyond the last-level cache, so no rotation is needed.
 /// </summary>
-public class PagingCpuBenchmarks
+public class PagingCpuBenchmarks : MemoryProbeBenchmarks
 {
     private Half[] _keyPool = [], _valuePool = [], _keys = [], _values = [];
     private Half[] _copyKeyPool = [], _copyValuePool = [];
-    private byte[] _probeSource = [], _probeDestination = [];
     private int[] _table = [], _lengths = [], _slots = [], _pairs = [];
     private PagedBatchSpec _batch;
     private PagedAppendSpec _append;
@@ -117,26 +116,7 @@ public class PagingCpuBenchmarks
         _copyKeyPool = Patterns.RandomArray<Half>(_copyPool.PoolElements, rng);
         _copyValuePool = Patterns.RandomArray<Half>(_copyPool.PoolElements, rng);
         _pairs = Patterns.Pairs(s.Pages, 2 * s.Pages, rng);
-        _probeSource = Patterns.RandomArray<byte>(s.Moved / 2, rng);
-        _probeDestination = Patterns.RandomArray<byte>(s.Moved / 2, rng);
-    }
-
-    /// <summary>The bandwidth probe: Span.CopyTo of M/2 bytes (M/2 read + M/2 written).</summary>
-    [Benchmark(Baseline = true)]
-    public void MemoryCopyProbe() => _probeSource.AsSpan().CopyTo(_probeDestination);
-
-    /// <summary>The same copy split over all cores (the library runs large gathers and scatters in parallel, so this is
-    /// the fairer ceiling for them; the baseline stays the plain one-thread copy).</summary>
-    [Benchmark]
-    public void MemoryCopyProbeParallel()
-    {
-        int parts = Environment.ProcessorCount;
-        long length = _probeSource.LongLength, chunk = (length + parts - 1) / parts;
-        Parallel.For(0, parts, p =>
-        {
-            long start = p * chunk, n = Math.Min(chunk, length - start);
-            if (n > 0) _probeSource.AsSpan((int)start, (int)n).CopyTo(_probeDestination.AsSpan((int)start, (int)n));
-        });
+        SetUpProbes(s.Moved / 2, s.Moved, rng);
     }
 
     [Benchmark]
