@@ -34,11 +34,9 @@ A backend that raises (no kernel for the shape, compile failure, out of memory) 
 (SDPA's reasons for rejecting a backend included) and no time. Before timing, each backend's output on sequence 0 is
 compared with a float32 reference; a difference over 5 % of max |reference| is reported in the note.
 
-Timing (as KvCheck's GpuTimer, identical to bench/peers/paging_torch.py): warm-up; a sample is a pair of CUDA events
-around K back-to-back calls (K so a sample lasts >= 200 us), rotating over buffer sets (one set when a call moves
->= 256 MiB and >= 2x L2, else enough sets for >= 4x L2); each batch of samples is preceded by device copies long
-enough for the host to enqueue the batch; samples the GPU reached before the host had enqueued them are dropped (if
-too few remain, the row is marked launch-bound); median of >= 30 samples (10 with --quick).
+Timing (as KvCheck's GpuTimer, CUDA events with primer copies; launch-bound rows are marked), the copy-bandwidth
+measurement and the buffer sets: bench/peers/peerlib/timing.py (shared with bench/peers/paging_torch.py; its docstring
+documents the method).
 
 The SDPA rows of every case run first, then the flex rows (each new shape costs a compile). The JSON file is rewritten
 after every row ("complete": false until the end), so a run cut short still leaves its rows.
@@ -50,14 +48,14 @@ import importlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
 
-MIB = 1 << 20
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peerlib.timing import GOAL_BYTES, MIB, GpuTimer, buffer_sets  # noqa: E402 - after the path setup
+
 GIB = 1 << 30
-GOAL_BYTES = 256 * MIB
 GOAL_PERCENT = 90.0
 OP = "attention.decode"
 MODELS = ((32, 8, 128, "Llama-3-8B"), (64, 8, 128, "Hq=64 GQA"), (64, 1, 256, "MFA/Step-3"), (32, 32, 128, "MHA"))
@@ -95,12 +93,6 @@ def cases(quick=False):
                 if case.kv_bytes <= KV_LIMIT:
                     rows.append(case)
     return rows
-
-
-def buffer_sets(moved, l2):
-    if moved >= max(GOAL_BYTES, 2 * l2):
-        return 1
-    return int(min(64, max(2, math.ceil(4.0 * l2 / max(moved, 1)))))
 
 
 def first_line(text, limit=400):
@@ -156,27 +148,19 @@ class FlexProbe:
         return probe
 
 
-class Peer:
+class Peer(GpuTimer):
+    """The attention backends' rows; event(), measure_copy() and time() come from peerlib.timing.GpuTimer."""
+
     def __init__(self, torch, quick):
-        self.torch = torch
-        self.dev = torch.device("cuda")
         self.quick = quick
         torch.manual_seed(1234)
-        props = torch.cuda.get_device_properties(0)
-        self.l2 = int(getattr(props, "L2_cache_size", 0) or 50 * MIB)
-        self.name = props.name
-        self.primer_src = torch.empty(256 * MIB, dtype=torch.uint8, device=self.dev).fill_(0x3C)
-        self.primer_dst = torch.empty_like(self.primer_src).fill_(0xC3)
-        self.copy_gbs = None
+        super().__init__(torch)
         self.flex = None
         self.probe = None
 
     # ------------------------------------------------------------------ helpers
     def randn(self, *shape):
         return self.torch.randn(*shape, dtype=self.torch.bfloat16, device=self.dev)
-
-    def event(self):
-        return self.torch.cuda.Event(enable_timing=True)
 
     def tensors(self, case, sets):
         return [(self.randn(case.b, case.hq, 1, case.d), self.randn(case.b, case.hkv, case.n, case.d),
@@ -200,29 +184,6 @@ class Peer:
             return None
         return (f"output check failed: max |o - float32 reference| = {err:.3g} on sequence 0 "
                 f"({100.0 * err / scale:.1f} % of max |reference|)")
-
-    # ------------------------------------------------------------------ bandwidth
-    def measure_copy(self, runs):
-        torch = self.torch
-        free, _ = torch.cuda.mem_get_info()
-        nbytes = (1 << 30) if free >= (6 << 30) else (512 * MIB)
-        src = torch.empty(nbytes, dtype=torch.uint8, device=self.dev).fill_(0xA5)
-        dst = torch.empty_like(src).fill_(0x5A)
-        for _ in range(3):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-        starts = [self.event() for _ in range(runs)]
-        ends = [self.event() for _ in range(runs)]
-        for i in range(runs):
-            starts[i].record()
-            dst.copy_(src)
-            ends[i].record()
-        torch.cuda.synchronize()
-        seconds = statistics.median(starts[i].elapsed_time(ends[i]) / 1e3 for i in range(runs))
-        del src, dst
-        torch.cuda.empty_cache()
-        self.copy_gbs = 2.0 * nbytes / seconds / 1e9
-        return self.copy_gbs, nbytes
 
     # ------------------------------------------------------------------ flex setup
     def flex_setup(self):
@@ -267,66 +228,6 @@ class Peer:
             return sum(counters["graph_break"].values())
         except Exception:  # noqa: BLE001
             return 0
-
-    # ------------------------------------------------------------------ timing (mirrors KvCheck's GpuTimer)
-    def time(self, call, sets, wanted):
-        torch = self.torch
-        counter = 0
-        for _ in range(max(3, sets)):
-            call(counter % sets)
-            counter += 1
-        torch.cuda.synchronize()
-        a, b = self.event(), self.event()
-        a.record()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            call(counter % sets)
-            counter += 1
-        enqueue = (time.perf_counter() - t0) / 5
-        b.record()
-        b.synchronize()
-        per_call = a.elapsed_time(b) / 1e3 / 5
-        k = int(min(64, max(1, math.ceil(200e-6 / max(per_call, 1e-7)))))
-        per_batch = max(2, 480 // (k + 2))
-        primer_copy = 2.0 * self.primer_src.numel() / (self.copy_gbs * 1e9)
-        clean, everything = [], []
-        factor, batches = 1.5, 0
-        while len(clean) < wanted and batches < 6:
-            batches += 1
-            samples = max(2, min(per_batch, wanted - len(clean) + 1))
-            starts = [self.event() for _ in range(samples)]
-            ends = [self.event() for _ in range(samples)]
-            primer_start = self.event()
-            host_estimate = samples * (k * enqueue + 6e-6) + 50e-6
-            copies = int(min(256, max(1, math.ceil(factor * host_estimate / primer_copy))))
-            t0 = time.perf_counter()
-            primer_start.record()
-            for _ in range(copies):
-                self.primer_dst.copy_(self.primer_src)
-            host_done = []
-            for j in range(samples):
-                starts[j].record()
-                for _ in range(k):
-                    call(counter % sets)
-                    counter += 1
-                ends[j].record()
-                host_done.append(time.perf_counter() - t0)
-            torch.cuda.synchronize()
-            starved = False
-            for j in range(1, samples):  # sample 0 pays for the primer's dirty L2 lines
-                seconds = starts[j].elapsed_time(ends[j]) / 1e3 / k
-                gpu_start = primer_start.elapsed_time(starts[j]) / 1e3
-                everything.append(seconds)
-                if gpu_start >= host_done[j] + 20e-6:
-                    clean.append(seconds)
-                else:
-                    starved = True
-            if starved:
-                factor *= 2
-        if clean and len(clean) >= min(wanted, len(everything) // 2):
-            return statistics.median(clean), len(clean), k, None
-        note = f"launch-bound: the GPU waited for the host in {len(everything) - len(clean)} of {len(everything)} samples"
-        return statistics.median(everything), len(everything), k, note
 
     # ------------------------------------------------------------------ one backend on one case
     def sdpa_row(self, backend, data, ref, sets, wanted):

@@ -30,22 +30,20 @@ Torch equivalents:
 Bytes (what the op must move, not what torch moves): append 2*T rows, gather/scatter 2*B*N rows, copy_pages
 2*pairs pages, each for K and V; a row is Hkv*D*2 bytes.
 
-Timing (as KvCheck's GpuTimer): warm-up; a sample is a pair of CUDA events around K back-to-back calls (K so a
-sample lasts >= 200 us), rotating over buffer sets (one set when a call moves >= 256 MiB and >= 2x L2, else enough
-sets for >= 4x L2); each batch of samples is preceded by device copies long enough for the host to enqueue the
-batch; samples the GPU reached before the host had enqueued them are dropped (if none remain, the row is marked
-launch-bound); median of >= 20 samples (10 with --quick).
+Timing (as KvCheck's GpuTimer, CUDA events with primer copies; launch-bound rows are marked), the copy-bandwidth
+measurement and the buffer sets: bench/peers/peerlib/timing.py (shared with the other peers; its docstring documents
+the method).
 """
 
 import argparse
 import json
 import math
-import statistics
+import os
 import sys
-import time
 
-MIB = 1 << 20
-GOAL_BYTES = 256 * MIB
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peerlib.timing import GOAL_BYTES, MIB, GpuTimer, buffer_sets  # noqa: E402 - after the path setup
+
 GOAL_PERCENT = 90.0
 HEADS, HEAD_DIM, PAGE = 8, 128, 16
 TOKEN_BYTES = HEADS * HEAD_DIM * 2
@@ -72,25 +70,14 @@ def cases():
     return rows
 
 
-def buffer_sets(moved, l2):
-    if moved >= max(GOAL_BYTES, 2 * l2):
-        return 1
-    return int(min(64, max(2, math.ceil(4.0 * l2 / max(moved, 1)))))
+class Peer(GpuTimer):
+    """The paging ops' builders; event(), measure_copy() and time() come from peerlib.timing.GpuTimer."""
 
-
-class Peer:
     def __init__(self, torch, quick):
-        self.torch = torch
-        self.dev = torch.device("cuda")
         self.quick = quick
         self.gen = torch.Generator(device="cpu")
         self.gen.manual_seed(1234)
-        props = torch.cuda.get_device_properties(0)
-        self.l2 = int(getattr(props, "L2_cache_size", 0) or 50 * MIB)
-        self.name = props.name
-        self.primer_src = torch.empty(256 * MIB, dtype=torch.uint8, device=self.dev).fill_(0x3C)
-        self.primer_dst = torch.empty_like(self.primer_src).fill_(0xC3)
-        self.copy_gbs = None
+        super().__init__(torch)
 
     # ------------------------------------------------------------------ helpers
     def randperm(self, n):
@@ -101,32 +88,6 @@ class Peer:
 
     def pool(self, pages, layout):
         return self.randn(pages, PAGE, HEADS, HEAD_DIM) if layout == "NHD" else self.randn(pages, HEADS, PAGE, HEAD_DIM)
-
-    def event(self):
-        return self.torch.cuda.Event(enable_timing=True)
-
-    # ------------------------------------------------------------------ bandwidth
-    def measure_copy(self, runs):
-        torch = self.torch
-        free, _ = torch.cuda.mem_get_info()
-        nbytes = (1 << 30) if free >= (6 << 30) else (512 * MIB)
-        src = torch.empty(nbytes, dtype=torch.uint8, device=self.dev).fill_(0xA5)
-        dst = torch.empty_like(src).fill_(0x5A)
-        for _ in range(3):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-        starts = [self.event() for _ in range(runs)]
-        ends = [self.event() for _ in range(runs)]
-        for i in range(runs):
-            starts[i].record()
-            dst.copy_(src)
-            ends[i].record()
-        torch.cuda.synchronize()
-        seconds = statistics.median(starts[i].elapsed_time(ends[i]) / 1e3 for i in range(runs))
-        del src, dst
-        torch.cuda.empty_cache()
-        self.copy_gbs = 2.0 * nbytes / seconds / 1e9
-        return self.copy_gbs, nbytes
 
     # ------------------------------------------------------------------ op builders: return (call(set), sets)
     def build(self, spec, moved):
@@ -203,66 +164,6 @@ class Peer:
                 vp[dst] = vp[src]
             return call, sets, (kp, vp, data)
         raise ValueError(kind)
-
-    # ------------------------------------------------------------------ timing (mirrors KvCheck's GpuTimer)
-    def time(self, call, sets, wanted):
-        torch = self.torch
-        counter = 0
-        for _ in range(max(3, sets)):
-            call(counter % sets)
-            counter += 1
-        torch.cuda.synchronize()
-        a, b = self.event(), self.event()
-        a.record()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            call(counter % sets)
-            counter += 1
-        enqueue = (time.perf_counter() - t0) / 5
-        b.record()
-        b.synchronize()
-        per_call = a.elapsed_time(b) / 1e3 / 5
-        k = int(min(64, max(1, math.ceil(200e-6 / max(per_call, 1e-7)))))
-        per_batch = max(2, 480 // (k + 2))
-        primer_copy = 2.0 * self.primer_src.numel() / (self.copy_gbs * 1e9)
-        clean, everything = [], []
-        factor, batches = 1.5, 0
-        while len(clean) < wanted and batches < 6:
-            batches += 1
-            samples = max(2, min(per_batch, wanted - len(clean) + 1))
-            starts = [self.event() for _ in range(samples)]
-            ends = [self.event() for _ in range(samples)]
-            primer_start = self.event()
-            host_estimate = samples * (k * enqueue + 6e-6) + 50e-6
-            copies = int(min(256, max(1, math.ceil(factor * host_estimate / primer_copy))))
-            t0 = time.perf_counter()
-            primer_start.record()
-            for _ in range(copies):
-                self.primer_dst.copy_(self.primer_src)
-            host_done = []
-            for j in range(samples):
-                starts[j].record()
-                for _ in range(k):
-                    call(counter % sets)
-                    counter += 1
-                ends[j].record()
-                host_done.append(time.perf_counter() - t0)
-            torch.cuda.synchronize()
-            starved = False
-            for j in range(1, samples):  # sample 0 pays for the primer's dirty L2 lines
-                seconds = starts[j].elapsed_time(ends[j]) / 1e3 / k
-                gpu_start = primer_start.elapsed_time(starts[j]) / 1e3
-                everything.append(seconds)
-                if gpu_start >= host_done[j] + 20e-6:
-                    clean.append(seconds)
-                else:
-                    starved = True
-            if starved:
-                factor *= 2
-        if clean and len(clean) >= min(wanted, len(everything) // 2):
-            return statistics.median(clean), len(clean), k, None
-        note = f"launch-bound: the GPU waited for the host in {len(everything) - len(clean)} of {len(everything)} samples"
-        return statistics.median(everything), len(everything), k, note
 
 
 def main():

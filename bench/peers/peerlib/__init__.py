@@ -1,0 +1,1 @@
+"""Code shared by the PyTorch peers in bench/peers/ (a subfolder: the device runner runs every bench/peers/*.py)."""
