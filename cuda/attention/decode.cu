@@ -985,7 +985,8 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
             // ---- QK: S[row][token] for 16 rows x 16 tokens (two n8 tiles)
             float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
             const kvk_u8* const kSub = kTileP + sub * 16 * mKStride * 16 + kRowOffset;
-            KVK_UNROLL
+            // Partly unrolled: with Dv = 256 the 128 accumulators leave no room for 16 k-steps of loads in flight.
+#pragma unroll 4
             for (int kk = 0; kk < kDk / 16; ++kk) {
                 kvk_u32 a[4], kb[4];
                 kvk_ldmatrix_x4(a, qRow + kk * 32);
