@@ -8,6 +8,9 @@
 //                           it writes the output (and the natural-log LSE when asked); with splits > 1 each
 //                           split writes its fp32 normalised partial output and natural-log LSE to the
 //                           workspace (an empty split writes zeros and -inf).
+//   attention_decode_mma    the same op on tensor cores (query rows packed into the MMA's M dimension), for the
+//                           specializations without RoPE and with Dk, Dv multiples of 16 up to 256 (a trapping
+//                           stub in the others); same arguments, same split workspace. See its own comment.
 //   attention_merge_splits  combines the splits' partials into the output type and the optional LSE.
 //   attention_merge_states  MergeStatesSpec: two (output, LSE) states -> one, element type OUT_TYPE.
 //
@@ -46,7 +49,7 @@
 //   would round them); the angle is the spec's fp32 product (float)pos * invFreq[i], with
 //   invFreq[i] = (float)pow((double)theta, -2i / rotaryDim) and an accurate sincos (sincos_accurate:
 //   angles reach 1e5 rad, where __sincosf is useless). With key reuse the raw 16-bit tile is the value tile.
-// CUDA cores only: tensor-core packing of the group into the MMA M dimension is the next step.
+// This kernel uses CUDA cores only; attention_decode_mma (below) is the tensor-core variant for many rows per KV head.
 #include "common/kvk_types.cuh"
 #include "common/kvk_index.cuh"
 #include "common/kvk_fp16.cuh"
@@ -767,6 +770,7 @@ enum : int {
     mScratchBytes = 2 * 16 * (kDv + 2) * 4,       // two warps' (o, m, l) in the token-stream merge
     mSharedBytes = mQBytes + mIdxBytes + max_int(mPipeBytes, mScratchBytes),
     mPTerms = OUT_TYPE == 2 ? (INPUT_BF16 ? 3 : 2) : (INPUT_BF16 ? 2 : 1),
+    mTermsOuter = mPTerms > 2 && kDv > 128 ? 1 : 0,   // PV loops terms outside the columns (registers)
 };
 
 static_assert(mTile <= mThreads, "one thread per token computes the tile's addresses");
@@ -800,6 +804,24 @@ KVK_INLINE void unpack_in(kvk_u32 v, float& lo, float& hi)
 #else
     kvk_unpack_f16x2(v, lo, hi);
 #endif
+}
+
+// The next term of P: the A fragment {row g: tokens 0-7, row g+8: 0-7, row g: 8-15, row g+8: 8-15} (S's two n8
+// tiles in place) rounded to the input type; with `more`, sc keeps what this term missed (exact: Sterbenz).
+KVK_INLINE void take_term(float (&sc)[2][4], kvk_u32 (&pa)[4], bool more)
+{
+    KVK_UNROLL
+    for (int f = 0; f < 4; ++f) {
+        float& lo = sc[f >> 1][2 * (f & 1)];
+        float& hi = sc[f >> 1][2 * (f & 1) + 1];
+        pa[f] = pack_in(lo, hi);
+        if (more) {
+            float rlo, rhi;
+            unpack_in(pa[f], rlo, rhi);
+            lo -= rlo;
+            hi -= rhi;
+        }
+    }
 }
 
 // Stores the pair (a, b) of columns col, col + 1 (col even).
@@ -1036,34 +1058,36 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
                 o[j][3] *= alpha[1];
             }
 
-            // ---- P in the input type as a sum of terms; A fragment: {row g: 0-7, row g+8: 0-7, row g: 8-15, row g+8: 8-15}
-            kvk_u32 pa[mPTerms][4];
-            KVK_UNROLL
-            for (int term = 0; term < mPTerms; ++term) {
-                KVK_UNROLL
-                for (int f = 0; f < 4; ++f) {
-                    float& lo = sc[f >> 1][2 * (f & 1)];
-                    float& hi = sc[f >> 1][2 * (f & 1) + 1];
-                    pa[term][f] = pack_in(lo, hi);
-                    if (term + 1 < mPTerms) {
-                        float rlo, rhi;
-                        unpack_in(pa[term][f], rlo, rhi);
-                        lo -= rlo;   // exact (Sterbenz): what the next term must carry
-                        hi -= rhi;
-                    }
-                }
-            }
-
-            // ---- PV: o (16 x Dv) += P (16 x 16 tokens) V (16 tokens x Dv)
+            // ---- PV: o (16 x Dv) += P (16 x 16 tokens) V (16 tokens x Dv), P as a sum of input-type terms
             const kvk_u8* const vSub = vTileP + sub * 16 * mVStride * 16 + vRowOffset;
-            KVK_UNROLL
-            for (int cp = 0; cp < kDv / 16; ++cp) {
-                kvk_u32 vb[4];
-                kvk_ldmatrix_x4_trans(vb, vSub + cp * 32);
+            if (mTermsOuter) {
+                // One term at a time (V fragments reloaded per term): 3 terms x 4 registers do not fit beside
+                // 128 accumulators.
                 KVK_UNROLL
                 for (int term = 0; term < mPTerms; ++term) {
-                    mma16816(o[2 * cp], pa[term], vb[0], vb[1]);
-                    mma16816(o[2 * cp + 1], pa[term], vb[2], vb[3]);
+                    kvk_u32 pa[4];
+                    take_term(sc, pa, term + 1 < mPTerms);
+                    KVK_UNROLL
+                    for (int cp = 0; cp < kDv / 16; ++cp) {
+                        kvk_u32 vb[4];
+                        kvk_ldmatrix_x4_trans(vb, vSub + cp * 32);
+                        mma16816(o[2 * cp], pa, vb[0], vb[1]);
+                        mma16816(o[2 * cp + 1], pa, vb[2], vb[3]);
+                    }
+                }
+            } else {
+                kvk_u32 pa[mPTerms][4];
+                KVK_UNROLL
+                for (int term = 0; term < mPTerms; ++term) take_term(sc, pa[term], term + 1 < mPTerms);
+                KVK_UNROLL
+                for (int cp = 0; cp < kDv / 16; ++cp) {
+                    kvk_u32 vb[4];
+                    kvk_ldmatrix_x4_trans(vb, vSub + cp * 32);
+                    KVK_UNROLL
+                    for (int term = 0; term < mPTerms; ++term) {
+                        mma16816(o[2 * cp], pa[term], vb[0], vb[1]);
+                        mma16816(o[2 * cp + 1], pa[term], vb[2], vb[3]);
+                    }
                 }
             }
         }

@@ -38,7 +38,8 @@ public sealed class DecodeAttentionKernels
     /// The specializations the library ships (compile-gated): head dims 64, 128, 256 × fp16/bf16 (output of the same
     /// type) × paged/contiguous, NHD, no RoPE, no key reuse; head dim 512 bf16 paged; head dim 128 fp16 paged with an
     /// fp32 output. Their <c>attention_merge_states</c> serves <see cref="MergeStates{T}"/> for fp16, bf16 and fp32.
-    /// Every other shape compiles on demand.
+    /// Every specialization holds both decode kernels (<c>attention_decode_mma</c> is a stub where the tensor-core kernel
+    /// does not apply, e.g. head dim 512). Every other shape compiles on demand.
     /// </summary>
     public static IReadOnlyList<KernelSpecialization> Specializations { get; } =
     [

@@ -19,8 +19,8 @@ public sealed class DecodeAttentionMmaTests(Backends backends)
         AttentionElement input, AttentionElement output) =>
         new(batch, queryLength, ratio * kvHeads, kvHeads, headDim, cache) { InputType = input, OutputType = output };
 
-    private static KvCacheShape Paged(int pageSize, int maxPages, KvLayout layout, int rows) =>
-        KvCacheShape.Paged(rows * maxPages + 3, pageSize, maxPages, layout);
+    private static KvCacheShape Paged(int pageSize, int maxPages, KvLayout layout, int rows, int poolKvHeads = 0) =>
+        KvCacheShape.Paged(rows * maxPages + 3, pageSize, maxPages, layout, poolKvHeads);
 
     /// <summary>Many-row cases; lengths 0, 1 and page size ± 1 in the paged ones.</summary>
     private static readonly DecodeAttentionKernelsTests.DecodeCase[] Cases =
@@ -31,6 +31,8 @@ public sealed class DecodeAttentionMmaTests(Backends backends)
             { Window = 20, Sinks = 3, SoftCap = 30f, Alibi = true }, [70, 17], true),
         new("gqa16-q4-d64-contiguous-keyreuse-ragged", Spec(2, 4, 16, 2, 64, KvCacheShape.Contiguous(50), Bf16, F16) with
             { KeyReuse = true, Ragged = true }, [49, 1, 0, 16], false),
+        new("gqa8-d128-paged-pool1-ragged-window-longer-than-context", Spec(2, 1, 8, 2, 128, Paged(16, 3, KvLayout.Nhd, 4, poolKvHeads: 1), Bf16, F32) with
+            { Ragged = true, Window = 100, Sinks = 1 }, [0, 16, 17, 33], true),
         new("gqa12-d192v128-paged-nhd-q2", Spec(1, 2, 12, 2, 192, Paged(32, 3, KvLayout.Nhd, 1), Bf16, Bf16) with { ValueHeadDim = 128 },
             [65], true),
     ];
