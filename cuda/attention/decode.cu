@@ -8,6 +8,9 @@
 //                           it writes the output (and the natural-log LSE when asked); with splits > 1 each
 //                           split writes its fp32 normalised partial output and natural-log LSE to the
 //                           workspace (an empty split writes zeros and -inf).
+//   attention_decode_mma    the same op on tensor cores (query rows packed into the MMA's M dimension), for the
+//                           specializations without RoPE and with Dk, Dv multiples of 16 up to 256 (a trapping
+//                           stub in the others); same arguments, same split workspace. See its own comment.
 //   attention_merge_splits  combines the splits' partials into the output type and the optional LSE.
 //   attention_merge_states  MergeStatesSpec: two (output, LSE) states -> one, element type OUT_TYPE.
 //
@@ -46,7 +49,7 @@
 //   would round them); the angle is the spec's fp32 product (float)pos * invFreq[i], with
 //   invFreq[i] = (float)pow((double)theta, -2i / rotaryDim) and an accurate sincos (sincos_accurate:
 //   angles reach 1e5 rad, where __sincosf is useless). With key reuse the raw 16-bit tile is the value tile.
-// CUDA cores only: tensor-core packing of the group into the MMA M dimension is the next step.
+// This kernel uses CUDA cores only; attention_decode_mma (below) is the tensor-core variant for many rows per KV head.
 #include "common/kvk_types.cuh"
 #include "common/kvk_index.cuh"
 #include "common/kvk_fp16.cuh"
@@ -717,6 +720,462 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
             else if (lse != nullptr) lse[outRow] = lseValue;
         }
     }
+}
+
+// ================================================================================================
+// attention_decode_mma — the same op on tensor cores (mma.sync m16n8k16, fp32 accumulators), for the
+// specializations KVK_DECODE_MMA admits (no RoPE; Dk and Dv multiples of 16 up to 256). The host picks it
+// when a KV head has enough query rows to fill the MMA's M dimension (DecodeAttentionKernels.UsesTensorCores);
+// in the other specializations it is a stub that traps.
+// - Rows on M: the q_len x group rows of a KV head (row p = token * group + head) are packed 16 per warp
+//   tile; a CTA holds (4 / tokenStreams) warp tiles, so up to 64 rows (MFA's 64 heads) share every K/V byte.
+//   With fewer rows the warps split each stage's 16-token sub-tiles between token streams instead, merged
+//   through shared memory at the end (a two-level tree: at most 2 warps' partial states in flight).
+// - K and V stages as in attention_decode (cp.async double buffering, token list, split chunks), rows
+//   padded by one 16-byte unit so ldmatrix's 8 row addresses hit 8 distinct bank groups.
+// - QK: S (16 rows x 16 tokens) = Q K^T with the query in the input type (exact: no pre-scaling), A from
+//   ldmatrix.x4 of the query tile, B from ldmatrix.x4 of the key rows; the scale is applied to S in fp32.
+// - PV: the S accumulators are the A fragments of P (FA2's register reuse); V through ldmatrix.x4.trans.
+//   P must be in the input type: P = sum of kPTerms terms, each the input-type rounding of what the
+//   previous terms left (fp16: 11 bits each, bf16: 8), one MMA per term. kPTerms gives a relative error
+//   of P below the output's tolerance: fp32 output 2 (fp16, 2^-22) or 3 (bf16, exact); fp16/bf16
+//   output 1 (fp16) or 2 (bf16). fp16 P is scaled by 2^15 (p <= 1) so the low term stays out of the
+//   subnormal range; the accumulators carry the factor and the final 1 / l removes it.
+// ================================================================================================
+#define KVK_DECODE_MMA (ROPE_STYLE == 0 && HEAD_DIM % 16 == 0 && HEAD_DIM <= 256 && \
+                        (KEY_REUSE || (VALUE_DIM % 16 == 0 && VALUE_DIM <= 256)))
+#if KVK_DECODE_MMA
+#include "common/kvk_mma.cuh"
+#endif
+
+namespace kvk_attn_mma {
+using namespace kvk_attn;
+
+// The host (DecodeAttentionKernels.cs, DecodeMmaLayout) computes the same numbers: keep them in step.
+enum : int {
+    mWarps = 4,
+    mThreads = mWarps * 32,
+    mTokenBytes = 2 * (kDk + (KEY_REUSE ? 0 : kDv)),
+    mSub = clamp_int(pow2_floor(16384 / (16 * mTokenBytes)), 1, 4),   // 16-token sub-tiles per stage (~16 KB)
+    mTile = 16 * mSub,
+    mQStride = kDk / 8 + 1,                      // 16-byte units per row, odd: conflict-free ldmatrix
+    mKStride = kDk / 8 + 1,
+    mVStride = KEY_REUSE ? mKStride : kDv / 8 + 1,
+    mMaxCtaRows = mWarps * 16,
+    mQBytes = mMaxCtaRows * mQStride * 16,
+    mIdxBytes = 2 * mTile * 8,
+    mKStageBytes = mTile * mKStride * 16,
+    mVStageBytes = KEY_REUSE ? 0 : mTile * mVStride * 16,
+    mPipeBytes = 2 * mKStageBytes + 2 * mVStageBytes,
+    mScratchBytes = 2 * 16 * (kDv + 2) * 4,       // two warps' (o, m, l) in the token-stream merge
+    mSharedBytes = mQBytes + mIdxBytes + max_int(mPipeBytes, mScratchBytes),
+    mPTerms = OUT_TYPE == 2 ? (INPUT_BF16 ? 3 : 2) : (INPUT_BF16 ? 2 : 1),
+    mTermsOuter = mPTerms > 2 && kDv > 128 ? 1 : 0,   // PV loops terms outside the columns (registers)
+};
+
+static_assert(mTile <= mThreads, "one thread per token computes the tile's addresses");
+
+constexpr float kPScale = INPUT_BF16 ? 1.0f : 32768.0f;
+
+#if KVK_DECODE_MMA
+KVK_INLINE void mma16816(float (&acc)[4], const kvk_u32 (&a)[4], kvk_u32 b0, kvk_u32 b1)
+{
+    const kvk_u32 b[2] = {b0, b1};
+#if INPUT_BF16
+    kvk_mma_m16n8k16_bf16(acc, a, b);
+#else
+    kvk_mma_m16n8k16_f16(acc, a, b);
+#endif
+}
+
+KVK_INLINE kvk_u32 pack_in(float lo, float hi)
+{
+#if INPUT_BF16
+    return kvk_pack_bf16x2(lo, hi);
+#else
+    return kvk_pack_f16x2(lo, hi);
+#endif
+}
+
+KVK_INLINE void unpack_in(kvk_u32 v, float& lo, float& hi)
+{
+#if INPUT_BF16
+    kvk_unpack_bf16x2(v, lo, hi);
+#else
+    kvk_unpack_f16x2(v, lo, hi);
+#endif
+}
+
+// The next term of P: the A fragment {row g: tokens 0-7, row g+8: 0-7, row g: 8-15, row g+8: 8-15} (S's two n8
+// tiles in place) rounded to the input type; with `more`, sc keeps what this term missed (exact: Sterbenz).
+KVK_INLINE void take_term(float (&sc)[2][4], kvk_u32 (&pa)[4], bool more)
+{
+    KVK_UNROLL
+    for (int f = 0; f < 4; ++f) {
+        float& lo = sc[f >> 1][2 * (f & 1)];
+        float& hi = sc[f >> 1][2 * (f & 1) + 1];
+        pa[f] = pack_in(lo, hi);
+        if (more) {
+            float rlo, rhi;
+            unpack_in(pa[f], rlo, rhi);
+            lo -= rlo;
+            hi -= rhi;
+        }
+    }
+}
+
+// Stores the pair (a, b) of columns col, col + 1 (col even).
+KVK_INLINE void store2(out_t* dst, float a, float b)
+{
+#if OUT_TYPE == 2
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+#else
+    *reinterpret_cast<kvk_u32*>(dst) = pack_out(a, b);
+#endif
+}
+#endif
+
+}  // namespace kvk_attn_mma
+
+using namespace kvk_attn_mma;
+
+extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
+    const in_t* __restrict__ query, const in_t* __restrict__ keys, const in_t* __restrict__ values,
+    const kvk_i32* __restrict__ lengths, const kvk_i32* __restrict__ blockTable, const kvk_i32* __restrict__ positions,
+    const float* __restrict__ alibiSlopes, out_t* __restrict__ output, float* __restrict__ lse,
+    float* __restrict__ partialOutput, float* __restrict__ partialLse,
+    kvk_i32 batch, kvk_i32 queryLength, kvk_i32 numQueryHeads, kvk_i32 numKvHeads, kvk_i32 ragged, kvk_i32 poolKvHeads,
+    kvk_i32 maxTokens, kvk_i32 pageSize, kvk_i32 maxPagesPerSeq,
+    float scale, float softCap, kvk_i32 window, kvk_i32 sinks, kvk_i32 rotaryDim, float ropeTheta,
+    kvk_i32 splits, kvk_i32 tokenStreams, kvk_i32 rowTiles, kvk_i32 sharedBytes)
+{
+#if !KVK_DECODE_MMA
+    __trap();   // the host never launches it for this specialization
+#else
+    (void)positions; (void)rotaryDim; (void)ropeTheta;
+    if (sharedBytes != mSharedBytes) __trap();
+    KVK_DYNAMIC_SHARED(kvk_u8, smem);
+    kvk_u8* const qTile = smem;                                                     // [64][mQStride] units
+    kvk_i64* const rowIndex = reinterpret_cast<kvk_i64*>(smem + mQBytes);           // [2][mTile]
+    kvk_u8* const pipe = smem + mQBytes + mIdxBytes;
+    kvk_u8* const kStage = pipe;                                                    // [2][mTile][mKStride] units
+    kvk_u8* const vStage = pipe + 2 * mKStageBytes;                                 // [2][mTile][mVStride] units
+
+    const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+
+    kvk_u32 flat = blockIdx.x;
+    const int rowTile = (int)(flat % (kvk_u32)rowTiles);
+    flat /= (kvk_u32)rowTiles;
+    const int split = (int)(flat % (kvk_u32)splits);
+    flat /= (kvk_u32)splits;
+    const int kvh = (int)(flat % (kvk_u32)numKvHeads);
+    const int b = (int)(flat / (kvk_u32)numKvHeads);
+    if (b >= batch) return;
+
+    const int group = numQueryHeads / numKvHeads;
+    const int packedRows = queryLength * group;
+    const int storageRow = ragged ? b * numKvHeads + kvh : b;
+    const int storageHead = poolKvHeads == 1 ? 0 : kvh;
+    const int length = kvk_max(0, kvk_min(kvk_ldg_i32(lengths + storageRow), maxTokens));
+
+    const int rowGroups = mWarps / tokenStreams;
+    const int ctaRows = rowGroups * 16;
+    const int rowBase = rowTile * ctaRows;
+    const int wr = warp / tokenStreams, wt = warp % tokenStreams;
+
+    // ---- query rows -> shared memory in the input type (rows past the end are zeros)
+    for (int c = tid; c < ctaRows * (kDk / 8); c += mThreads) {
+        const int r = c / (kDk / 8), u = c % (kDk / 8);
+        const int pr = rowBase + r;
+        kvk_v16 v = {0u, 0u, 0u, 0u};
+        if (pr < packedRows) {
+            const int i = pr / group, h = kvh * group + pr % group;
+            v = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(query + (((kvk_i64)b * queryLength + i) * numQueryHeads + h) * kDk + u * 8));
+        }
+        *reinterpret_cast<kvk_v16*>(qTile + (r * mQStride + u) * 16) = v;
+    }
+
+    const token_list list(length, queryLength, window, sinks);
+    const kvk_i64 chunk = ((kvk_i64)ceil_div(list.count, splits) + mTile - 1) / mTile * mTile;
+    const int eBegin = (int)kvk_min<kvk_i64>(list.count, split * chunk);
+    const int eEnd = (int)kvk_min<kvk_i64>(list.count, eBegin + chunk);
+    const int numTiles = ceil_div(eEnd - eBegin, mTile);
+
+    // This lane's two rows: g and g + 8 of the warp tile.
+    int qIndex[2];
+    float slope[2];
+    KVK_UNROLL
+    for (int rr = 0; rr < 2; ++rr) {
+        const int pr = rowBase + wr * 16 + g + 8 * rr;
+        qIndex[rr] = -1;   // a padding row sees nothing
+        slope[rr] = 0.0f;
+        if (pr < packedRows) {
+            qIndex[rr] = length - queryLength + pr / group;
+            if (alibiSlopes != nullptr) slope[rr] = alibiSlopes[kvh * group + pr % group];
+        }
+    }
+
+#if PAGED
+    const kvk_fastdiv pageDiv((kvk_u32)pageSize);
+    const kvk_i32* const table = blockTable + (kvk_i64)storageRow * maxPagesPerSeq;
+    const int slotsPerPage = pageSize;
+#else
+    const int slotsPerPage = maxTokens;
+#endif
+
+    // Storage row (in head rows) of list position e, or -1 past the chunk (as in attention_decode).
+    auto locate = [&](int e) -> kvk_i64 {
+        if (e >= eEnd) return -1;
+        const int n = list.token(e);
+#if PAGED
+        kvk_u32 pageIndex, offset;
+        pageDiv.divmod((kvk_u32)n, pageIndex, offset);
+        const kvk_i64 page = kvk_ldg_i32(table + pageIndex);
+#else
+        const kvk_i64 page = storageRow;
+        const kvk_u32 offset = (kvk_u32)n;
+#endif
+#if KV_LAYOUT_HND
+        return (page * poolKvHeads + storageHead) * slotsPerPage + offset;
+#else
+        return (page * slotsPerPage + offset) * poolKvHeads + storageHead;
+#endif
+    };
+
+    // Issues the cp.asyncs of tile `t` into stage `s`; always commits a group. Past the chunk: zeros.
+    auto issue = [&](int t, int s) {
+        if (t < numTiles) {
+            const kvk_i64* idx = rowIndex + s * mTile;
+            kvk_u8* kDst = kStage + s * mKStageBytes;
+            for (int c = tid; c < mTile * (kDk / 8); c += mThreads) {
+                const int token = c / (kDk / 8), u = c % (kDk / 8);
+                const kvk_i64 row = idx[token];
+                const in_t* src = row >= 0 ? keys + row * kDk + u * 8 : keys;
+                kvk_cp_async_cg16(kDst + (token * mKStride + u) * 16, src, row >= 0 ? 16u : 0u);
+            }
+#if !KEY_REUSE
+            kvk_u8* vDst = vStage + s * mVStageBytes;
+            for (int c = tid; c < mTile * (kDv / 8); c += mThreads) {
+                const int token = c / (kDv / 8), u = c % (kDv / 8);
+                const kvk_i64 row = idx[token];
+                const in_t* src = row >= 0 ? values + row * kDv + u * 8 : values;
+                kvk_cp_async_cg16(vDst + (token * mVStride + u) * 16, src, row >= 0 ? 16u : 0u);
+            }
+#endif
+        }
+        kvk_cp_async_commit();
+    };
+
+    KVK_UNROLL
+    for (int s = 0; s < 2; ++s)
+        if (tid < mTile) rowIndex[s * mTile + tid] = locate(eBegin + s * mTile + tid);
+    __syncthreads();
+    issue(0, 0);
+    issue(1, 1);
+
+    // Online softmax state of rows g, g + 8: m (base 2, the same in the 4 lanes of a quad), l (this lane's
+    // tokens only), o (C fragments of the 16 x Dv output: o[j] = columns 8j + 2 * t4, +1).
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
+    float o[kDv / 8][4];
+    KVK_UNROLL
+    for (int j = 0; j < kDv / 8; ++j)
+        KVK_UNROLL
+        for (int x = 0; x < 4; ++x) o[j][x] = 0.0f;
+
+    // ldmatrix row addresses that do not change between tiles.
+    const kvk_u8* const qRow = qTile + ((wr * 16 + (lane & 15)) * mQStride + (lane >> 4)) * 16;
+    const int kRowOffset = (((lane >> 4) * 8 + (lane & 7)) * mKStride + ((lane >> 3) & 1)) * 16;
+    const int vRowOffset = (((lane & 7) + ((lane >> 3) & 1) * 8) * mVStride + (lane >> 4)) * 16;
+
+    for (int k = 0; k < numTiles; ++k) {
+        const int s = k & 1;
+        kvk_i64 nextRow = -1;
+        if (tid < mTile) nextRow = locate(eBegin + (k + 2) * mTile + tid);
+
+        kvk_cp_async_wait_group<1>();
+        __syncthreads();
+
+        const kvk_u8* const kTileP = kStage + s * mKStageBytes;
+#if KEY_REUSE
+        const kvk_u8* const vTileP = kTileP;
+#else
+        const kvk_u8* const vTileP = vStage + s * mVStageBytes;
+#endif
+
+        for (int sub = wt; sub < mSub; sub += tokenStreams) {
+            // ---- QK: S[row][token] for 16 rows x 16 tokens (two n8 tiles)
+            float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+            const kvk_u8* const kSub = kTileP + sub * 16 * mKStride * 16 + kRowOffset;
+            // Partly unrolled: with Dv = 256 the 128 accumulators leave no room for 16 k-steps of loads in flight.
+#pragma unroll 4
+            for (int kk = 0; kk < kDk / 16; ++kk) {
+                kvk_u32 a[4], kb[4];
+                kvk_ldmatrix_x4(a, qRow + kk * 32);
+                kvk_ldmatrix_x4(kb, kSub + kk * 32);
+                mma16816(sc[0], a, kb[0], kb[1]);
+                mma16816(sc[1], a, kb[2], kb[3]);
+            }
+
+            // ---- logits -> online softmax; element i of n-tile j: row g + 8 * (i >> 1), token 8j + 2 * t4 + (i & 1)
+            float tileMax[2] = {neg_inf(), neg_inf()};
+            KVK_UNROLL
+            for (int j = 0; j < 2; ++j)
+                KVK_UNROLL
+                for (int i = 0; i < 4; ++i) {
+                    const int rr = i >> 1;
+                    const int e = eBegin + k * mTile + sub * 16 + 8 * j + 2 * t4 + (i & 1);
+                    const int n = list.token(e);
+                    float score = sc[j][i] * scale;
+                    if (softCap > 0.0f) score = softCap * tanhf(score / softCap);
+                    if (alibiSlopes != nullptr) score -= slope[rr] * (float)(qIndex[rr] - n);
+                    const bool visible = e < eEnd && n <= qIndex[rr] && (window == 0 || n < sinks || qIndex[rr] - n < window);
+                    sc[j][i] = visible ? score * kLog2e : neg_inf();
+                    tileMax[rr] = fmaxf(tileMax[rr], sc[j][i]);
+                }
+            float alpha[2], mUse[2];
+            KVK_UNROLL
+            for (int rr = 0; rr < 2; ++rr) {
+                const float mNew = fmaxf(m[rr], warp_max(tileMax[rr], 1, 4));
+                mUse[rr] = mNew == neg_inf() ? 0.0f : mNew;   // no (-inf) - (-inf)
+                alpha[rr] = kvk_ex2(m[rr] - mUse[rr]);
+                m[rr] = mNew;
+                l[rr] *= alpha[rr];
+            }
+            KVK_UNROLL
+            for (int j = 0; j < 2; ++j)
+                KVK_UNROLL
+                for (int i = 0; i < 4; ++i) {
+                    sc[j][i] = kvk_ex2(sc[j][i] - mUse[i >> 1]);
+                    l[i >> 1] += sc[j][i];
+                    sc[j][i] *= kPScale;
+                }
+            KVK_UNROLL
+            for (int j = 0; j < kDv / 8; ++j) {
+                o[j][0] *= alpha[0];
+                o[j][1] *= alpha[0];
+                o[j][2] *= alpha[1];
+                o[j][3] *= alpha[1];
+            }
+
+            // ---- PV: o (16 x Dv) += P (16 x 16 tokens) V (16 tokens x Dv), P as a sum of input-type terms
+            const kvk_u8* const vSub = vTileP + sub * 16 * mVStride * 16 + vRowOffset;
+            if (mTermsOuter) {
+                // One term at a time (V fragments reloaded per term): 3 terms x 4 registers do not fit beside
+                // 128 accumulators.
+                KVK_UNROLL
+                for (int term = 0; term < mPTerms; ++term) {
+                    kvk_u32 pa[4];
+                    take_term(sc, pa, term + 1 < mPTerms);
+                    KVK_UNROLL
+                    for (int cp = 0; cp < kDv / 16; ++cp) {
+                        kvk_u32 vb[4];
+                        kvk_ldmatrix_x4_trans(vb, vSub + cp * 32);
+                        mma16816(o[2 * cp], pa, vb[0], vb[1]);
+                        mma16816(o[2 * cp + 1], pa, vb[2], vb[3]);
+                    }
+                }
+            } else {
+                kvk_u32 pa[mPTerms][4];
+                KVK_UNROLL
+                for (int term = 0; term < mPTerms; ++term) take_term(sc, pa[term], term + 1 < mPTerms);
+                KVK_UNROLL
+                for (int cp = 0; cp < kDv / 16; ++cp) {
+                    kvk_u32 vb[4];
+                    kvk_ldmatrix_x4_trans(vb, vSub + cp * 32);
+                    KVK_UNROLL
+                    for (int term = 0; term < mPTerms; ++term) {
+                        mma16816(o[2 * cp], pa[term], vb[0], vb[1]);
+                        mma16816(o[2 * cp + 1], pa[term], vb[2], vb[3]);
+                    }
+                }
+            }
+        }
+
+        if (tid < mTile) rowIndex[s * mTile + tid] = nextRow;
+        __syncthreads();   // stage s and its addresses are free
+        issue(k + 2, s);
+    }
+    kvk_cp_async_wait_all();
+
+    KVK_UNROLL
+    for (int rr = 0; rr < 2; ++rr) l[rr] = warp_sum(l[rr], 1, 4);
+
+    // ---- merge the token streams of each row group: halve the streams until one is left
+    if (tokenStreams > 1) {
+        __syncthreads();   // every warp is done with the pipeline buffers
+        float* const so = reinterpret_cast<float*>(pipe);     // [2][16][kDv]
+        float* const ml = so + 2 * 16 * kDv;                   // [2][16][2]
+        for (int step = tokenStreams / 2; step >= 1; step /= 2) {
+            if (wt >= step && wt < 2 * step) {
+                const int slot = wr * step + (wt - step);
+                KVK_UNROLL
+                for (int j = 0; j < kDv / 8; ++j)
+                    KVK_UNROLL
+                    for (int rr = 0; rr < 2; ++rr)
+                        *reinterpret_cast<float2*>(so + (slot * 16 + g + 8 * rr) * kDv + 8 * j + 2 * t4) =
+                            make_float2(o[j][2 * rr], o[j][2 * rr + 1]);
+                if (t4 == 0)
+                    KVK_UNROLL
+                    for (int rr = 0; rr < 2; ++rr) {
+                        ml[(slot * 16 + g + 8 * rr) * 2] = m[rr];
+                        ml[(slot * 16 + g + 8 * rr) * 2 + 1] = l[rr];
+                    }
+            }
+            __syncthreads();
+            if (wt < step) {
+                const int slot = wr * step + wt;
+                float a1[2], a2[2];
+                KVK_UNROLL
+                for (int rr = 0; rr < 2; ++rr) {
+                    const float m2 = ml[(slot * 16 + g + 8 * rr) * 2], l2 = ml[(slot * 16 + g + 8 * rr) * 2 + 1];
+                    const float mNew = fmaxf(m[rr], m2);
+                    const float mU = mNew == neg_inf() ? 0.0f : mNew;
+                    a1[rr] = kvk_ex2(m[rr] - mU);
+                    a2[rr] = kvk_ex2(m2 - mU);
+                    l[rr] = l[rr] * a1[rr] + l2 * a2[rr];
+                    m[rr] = mNew;
+                }
+                KVK_UNROLL
+                for (int j = 0; j < kDv / 8; ++j)
+                    KVK_UNROLL
+                    for (int rr = 0; rr < 2; ++rr) {
+                        const float2 x = *reinterpret_cast<const float2*>(so + (slot * 16 + g + 8 * rr) * kDv + 8 * j + 2 * t4);
+                        o[j][2 * rr] = o[j][2 * rr] * a1[rr] + x.x * a2[rr];
+                        o[j][2 * rr + 1] = o[j][2 * rr + 1] * a1[rr] + x.y * a2[rr];
+                    }
+            }
+            __syncthreads();
+        }
+    }
+    if (wt != 0) return;
+
+    // ---- results: o / (l * kPScale) and the natural-log LSE, or this split's partial state
+    const kvk_i64 outRows = (kvk_i64)batch * queryLength * numQueryHeads;
+    KVK_UNROLL
+    for (int rr = 0; rr < 2; ++rr) {
+        const int pr = rowBase + wr * 16 + g + 8 * rr;
+        if (pr >= packedRows) continue;
+        const int i = pr / group, h = kvh * group + pr % group;
+        const kvk_i64 outRow = ((kvk_i64)b * queryLength + i) * numQueryHeads + h;
+        const bool empty = !(l[rr] > 0.0f);
+        const float inv = empty ? 0.0f : 1.0f / (l[rr] * kPScale);
+        const float lseValue = empty ? neg_inf() : (m[rr] + kvk_lg2(l[rr])) * kLn2;
+        KVK_UNROLL
+        for (int j = 0; j < kDv / 8; ++j) {
+            const int col = 8 * j + 2 * t4;
+            const float x0 = o[j][2 * rr] * inv, x1 = o[j][2 * rr + 1] * inv;
+            if (splits == 1)
+                store2(output + outRow * kDv + col, x0, x1);
+            else
+                *reinterpret_cast<float2*>(partialOutput + ((kvk_i64)split * outRows + outRow) * kDv + col) = make_float2(x0, x1);
+        }
+        if (t4 == 0) {
+            if (splits > 1) partialLse[(kvk_i64)split * outRows + outRow] = lseValue;
+            else if (lse != nullptr) lse[outRow] = lseValue;
+        }
+    }
+#endif
 }
 
 // One warp per output row: lse = ln sum_s e^lse_s, o = sum_s e^(lse_s - lse) o_s. Empty splits (lse -inf)

@@ -13,19 +13,33 @@ namespace KvKernels.Attention;
 /// compiled and loaded on first use of each specialization; calls are stream-ordered, never synchronise and allocate
 /// nothing once the kernels are loaded.
 /// </summary>
+/// <remarks>
+/// Two decode kernels compute the same function: <c>attention_decode</c> (CUDA cores) and <c>attention_decode_mma</c>
+/// (tensor cores, query rows packed into the MMA's M dimension). A call uses the tensor-core kernel when
+/// <see cref="UsesTensorCores"/> says so: no on-the-fly RoPE, head dims (Dk and Dv) multiples of 16 up to 256, and at
+/// least <see cref="TensorCoreMinRows"/> query rows per KV head (q_len × group), where the CUDA-core kernel runs out of
+/// issue slots (research/kernel_techniques.md §1.1, §1.5).
+/// </remarks>
 public sealed class DecodeAttentionKernels
 {
     /// <summary>The kernel source, under <c>cuda/</c>.</summary>
     public const string Source = "attention/decode.cu";
 
     /// <summary>The entry points every specialization contains.</summary>
-    public static IReadOnlyList<string> EntryPoints { get; } = ["attention_decode", "attention_merge_splits", "attention_merge_states"];
+    public static IReadOnlyList<string> EntryPoints { get; } = ["attention_decode", "attention_merge_splits", "attention_merge_states", "attention_decode_mma"];
+
+    /// <summary>
+    /// Fewest query rows per KV head (q_len × group) for which a call uses the tensor-core kernel: from 8 rows a
+    /// 16-row MMA tile is at least half used. A first guess, to be measured on a GPU.
+    /// </summary>
+    public const int TensorCoreMinRows = 8;
 
     /// <summary>
     /// The specializations the library ships (compile-gated): head dims 64, 128, 256 × fp16/bf16 (output of the same
     /// type) × paged/contiguous, NHD, no RoPE, no key reuse; head dim 512 bf16 paged; head dim 128 fp16 paged with an
     /// fp32 output. Their <c>attention_merge_states</c> serves <see cref="MergeStates{T}"/> for fp16, bf16 and fp32.
-    /// Every other shape compiles on demand.
+    /// Every specialization holds both decode kernels (<c>attention_decode_mma</c> is a stub where the tensor-core kernel
+    /// does not apply, e.g. head dim 512). Every other shape compiles on demand.
     /// </summary>
     public static IReadOnlyList<KernelSpecialization> Specializations { get; } =
     [
@@ -43,6 +57,9 @@ public sealed class DecodeAttentionKernels
     /// <summary>Most decode CTAs per SM the kernel's <c>__launch_bounds__(128, 3)</c> plans registers for.</summary>
     private const int DecodeCtasPerSm = 3;
 
+    /// <summary>The same for the tensor-core kernel's <c>__launch_bounds__(128, 2)</c>.</summary>
+    private const int DecodeMmaCtasPerSm = 2;
+
     private const int MergeThreads = 256;
 
     /// <summary>The heuristic never plans more splits than this (spec.Splits may force more).</summary>
@@ -54,6 +71,9 @@ public sealed class DecodeAttentionKernels
     private readonly CudaDevice _device;
     private readonly ConcurrentDictionary<DecodeKey, DecodeModule> _modules = new();
     private readonly CudaKernel?[] _mergeStates = new CudaKernel?[3];
+
+    /// <summary>Which decode kernel calls use; tests force either one (the default follows <see cref="UsesTensorCores"/>).</summary>
+    internal DecodeKernelChoice KernelChoice { get; set; } = DecodeKernelChoice.Auto;
 
     /// <summary>Binds the ops to <paramref name="device"/>; kernels are compiled and loaded on first use.</summary>
     public DecodeAttentionKernels(CudaDevice device)
@@ -146,12 +166,24 @@ public sealed class DecodeAttentionKernels
         ArgumentOutOfRangeException.ThrowIfNegative(longestRow);
         if (spec.Splits > 0) return spec.Splits;
         if (spec.BatchSize == 0 || longestRow == 0) return 1;
-        var layout = new DecodeLayout(spec.HeadDim, spec.ValueDim, spec.Rope.Enabled, spec.KeyReuse);
-        var (_, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
+        bool mma = Chooses(spec);
+        int sharedBytes, rowTiles;
+        if (mma)
+        {
+            var layout = new DecodeMmaLayout(spec.HeadDim, spec.KeyReuse ? spec.HeadDim : spec.ValueDim, spec.KeyReuse);
+            (_, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
+            sharedBytes = layout.SharedBytes;
+        }
+        else
+        {
+            var layout = new DecodeLayout(spec.HeadDim, spec.ValueDim, spec.Rope.Enabled, spec.KeyReuse);
+            (_, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
+            sharedBytes = layout.SharedBytes;
+        }
         long ctas = (long)spec.BatchSize * spec.NumKvHeads * rowTiles;
         var info = _device.Info;
-        int perSm = Math.Min(DecodeCtasPerSm, Math.Min(info.MaxThreadsPerMultiprocessor / DecodeThreads,
-            info.SharedMemoryPerMultiprocessor / (layout.SharedBytes + 1024)));
+        int perSm = Math.Min(mma ? DecodeMmaCtasPerSm : DecodeCtasPerSm, Math.Min(info.MaxThreadsPerMultiprocessor / DecodeThreads,
+            info.SharedMemoryPerMultiprocessor / (sharedBytes + 1024)));
         long slots = (long)Math.Max(1, info.MultiprocessorCount) * Math.Max(1, perSm);
         if (ctas * 5 >= slots * 4) return 1;
         long visible = spec.Window > 0 ? Math.Min(longestRow, (long)spec.Sinks + spec.Window + spec.QueryLength - 1) : longestRow;
@@ -172,6 +204,29 @@ public sealed class DecodeAttentionKernels
         int planned = PlanSplits(spec, longestRow);
         return workspace is null ? 1 : Math.Min(planned, workspace.MaxSplits);
     }
+
+    /// <summary>
+    /// Whether the tensor-core kernel can compute <paramref name="spec"/> and has enough rows to pay: no on-the-fly RoPE,
+    /// Dk and Dv multiples of 16 up to 256, and q_len × group ≥ <see cref="TensorCoreMinRows"/>.
+    /// </summary>
+    /// <param name="spec">The call (not validated here).</param>
+    public static bool UsesTensorCores(in DecodeAttentionSpec spec) =>
+        TensorCoresSupport(spec) && (long)spec.QueryLength * spec.GroupSize >= TensorCoreMinRows;
+
+    /// <summary>The tensor-core kernel computes this call (its specialization is not a stub).</summary>
+    internal static bool TensorCoresSupport(in DecodeAttentionSpec spec)
+    {
+        int dv = spec.KeyReuse ? spec.HeadDim : spec.ValueDim;
+        return !spec.Rope.Enabled && spec.HeadDim % 16 == 0 && spec.HeadDim <= 256 && dv % 16 == 0 && dv <= 256;
+    }
+
+    /// <summary>The kernel this instance runs <paramref name="spec"/> with: true for the tensor-core kernel.</summary>
+    internal bool Chooses(in DecodeAttentionSpec spec) => KernelChoice switch
+    {
+        DecodeKernelChoice.CudaCores => false,
+        DecodeKernelChoice.TensorCores => TensorCoresSupport(spec),
+        _ => UsesTensorCores(spec),
+    };
 
     /// <summary>Merges two attention states (cascade attention, split-KV, several cache formats); see <see cref="MergeStatesSpec"/>.</summary>
     /// <param name="spec">Rows and head dim.</param>
@@ -231,8 +286,10 @@ public sealed class DecodeAttentionKernels
 
         var key = KeyOf(spec);
         var module = Module(key);
-        var layout = module.Layout;
-        var (streams, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
+        bool mma = Chooses(spec);
+        int packedRows = spec.QueryLength * spec.GroupSize;
+        var (streams, rowTiles) = mma ? module.MmaLayout.RowPlan(packedRows) : module.Layout.RowPlan(packedRows);
+        int sharedBytes = mma ? module.MmaLayout.SharedBytes : module.Layout.SharedBytes;
         int splits = PlanSplits(spec, longestRow, workspace);
         long grid = (long)spec.BatchSize * spec.NumKvHeads * splits * rowTiles;
         if (grid > int.MaxValue) throw new ArgumentException($"The call needs {grid} CTAs; at most 2^31 − 1 are supported.", nameof(spec));
@@ -269,8 +326,8 @@ public sealed class DecodeAttentionKernels
         args.Add(splits);
         args.Add(streams);
         args.Add(rowTiles);
-        args.Add(layout.SharedBytes);
-        module.Decode.Launch(new Dim3((uint)grid), DecodeThreads, layout.SharedBytes, stream, ref args);
+        args.Add(sharedBytes);
+        (mma ? module.DecodeMma : module.Decode).Launch(new Dim3((uint)grid), DecodeThreads, sharedBytes, stream, ref args);
         if (splits == 1) return;
 
         int rows = (int)spec.LseElements;
@@ -299,7 +356,8 @@ public sealed class DecodeAttentionKernels
         {
             var loaded = _device.LoadModule(Specialize(k));
             return new DecodeModule(loaded.GetKernel(EntryPoints[0]), loaded.GetKernel(EntryPoints[1]), loaded.GetKernel(EntryPoints[2]),
-                new DecodeLayout(k.HeadDim, k.ValueDim, k.Rope != RopeStyle.None, k.KeyReuse));
+                loaded.GetKernel(EntryPoints[3]), new DecodeLayout(k.HeadDim, k.ValueDim, k.Rope != RopeStyle.None, k.KeyReuse),
+                new DecodeMmaLayout(k.HeadDim, k.ValueDim, k.KeyReuse));
         });
     }
 
@@ -337,7 +395,63 @@ public sealed class DecodeAttentionKernels
     private readonly record struct DecodeKey(int HeadDim, int ValueDim, AttentionElement Input, AttentionElement Output, bool Paged,
         KvLayout Layout, RopeStyle Rope, bool KeyReuse);
 
-    private sealed record DecodeModule(CudaKernel Decode, CudaKernel MergeSplits, CudaKernel MergeStates, DecodeLayout Layout);
+    private sealed record DecodeModule(CudaKernel Decode, CudaKernel MergeSplits, CudaKernel MergeStates, CudaKernel DecodeMma,
+        DecodeLayout Layout, DecodeMmaLayout MmaLayout);
+}
+
+/// <summary>Which decode kernel <see cref="DecodeAttentionKernels"/> runs.</summary>
+internal enum DecodeKernelChoice
+{
+    /// <summary><see cref="DecodeAttentionKernels.UsesTensorCores"/> decides.</summary>
+    Auto,
+    /// <summary>Always the CUDA-core kernel.</summary>
+    CudaCores,
+    /// <summary>The tensor-core kernel whenever it supports the call, whatever the row count.</summary>
+    TensorCores,
+}
+
+/// <summary>
+/// The tensor-core decode kernel's tiling and shared-memory size for one specialization: the same formulas as the
+/// <c>m*</c> enum in <c>cuda/attention/decode.cu</c> (the kernel traps when the host's shared size differs).
+/// </summary>
+internal readonly record struct DecodeMmaLayout
+{
+    private const int Warps = 4;
+
+    public DecodeMmaLayout(int headDim, int valueDim, bool keyReuse)
+    {
+        int dk = headDim, dv = keyReuse ? headDim : valueDim;
+        int tokenBytes = 2 * (dk + (keyReuse ? 0 : dv));
+        int per = 16384 / (16 * tokenBytes);
+        SubTiles = Math.Clamp(per < 1 ? 1 : 1 << BitOperations.Log2((uint)per), 1, 4);   // pow2 floor
+        int tile = 16 * SubTiles;
+        int kStride = dk / 8 + 1;
+        int vStride = keyReuse ? kStride : dv / 8 + 1;
+        int q = Warps * 16 * kStride * 16;
+        int idx = 2 * tile * 8;
+        int pipe = 2 * tile * kStride * 16 + (keyReuse ? 0 : 2 * tile * vStride * 16);
+        int scratch = 2 * 16 * (dv + 2) * 4;
+        SharedBytes = q + idx + Math.Max(pipe, scratch);
+    }
+
+    /// <summary>16-token sub-tiles per pipeline stage (mSub).</summary>
+    public int SubTiles { get; }
+
+    /// <summary>Dynamic shared memory of a CTA (mSharedBytes).</summary>
+    public int SharedBytes { get; }
+
+    /// <summary>
+    /// How a KV head's <paramref name="packedRows"/> query rows spread over CTAs: 16-row warp tiles; with one or two
+    /// tiles the warps split each stage's sub-tiles between token streams (at most one stream per sub-tile); from three
+    /// tiles on, 4 warp tiles (64 rows) per CTA and as many row tiles as needed.
+    /// </summary>
+    public (int TokenStreams, int RowTiles) RowPlan(int packedRows)
+    {
+        int warpTiles = (packedRows + 15) / 16;
+        int streams = Math.Min(SubTiles, warpTiles <= 1 ? 4 : warpTiles == 2 ? 2 : 1);
+        int ctaRows = Warps / streams * 16;
+        return (streams, Math.Max(1, (packedRows + ctaRows - 1) / ctaRows));
+    }
 }
 
 /// <summary>

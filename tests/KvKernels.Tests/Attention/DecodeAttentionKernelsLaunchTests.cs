@@ -94,6 +94,38 @@ public sealed class DecodeAttentionKernelsLaunchTests : IDisposable
     }
 
     [Fact]
+    public void TensorCoreKernel_HasTheSameSignature_AndRunsManyRows()
+    {
+        Assert.Equal(KernelSignatures.Parameters(DecodeAttentionKernels.Source, "attention_decode"),
+            KernelSignatures.Parameters(DecodeAttentionKernels.Source, "attention_decode_mma"));
+        // MFA: 64 query heads on one KV head, Dk = Dv = 256: one CTA of 4 warp tiles of 16 rows, one token stream.
+        var spec = new DecodeAttentionSpec(2, 1, 64, 1, 256, KvCacheShape.Contiguous(100));
+        using var query = _device.Allocate<Half>(spec.QueryElements);
+        using var keys = _device.Allocate<Half>(spec.KeyElements);
+        using var values = _device.Allocate<Half>(spec.ValueElements);
+        using var output = _device.Allocate<Half>(spec.OutputElements);
+        using var lengths = new DeviceSequenceLengths(_device, 2);
+        lengths.Update([100, 3], 100);
+        _ops.Run(spec, query.Span, keys.Span, values.Span, lengths, output.Span);
+
+        var launch = Assert.Single(_backend.Launches);
+        Assert.Equal("attention_decode_mma", launch.Kernel);
+        Assert.Equal(new Dim3(2), launch.Grid);
+        Assert.Equal(128u, launch.Block.X);
+        // 1024 B of K+V per token: stages of one 16-token sub-tile; rows padded to 33 units. Query 64 · 33 · 16,
+        // addresses 2 · 16 · 8, K and V 2 · 16 · 33 · 16 each (more than the merge scratch 2 · 16 · 258 · 4).
+        const int shared = 33792 + 256 + 2 * 16896;
+        Assert.Equal(shared, launch.SharedBytes);
+        Assert.Equal([1UL, 1UL, 1UL, (ulong)shared], launch.Arguments[26..30]);   // splits, token streams, row tiles, shared
+
+        // The same call on the CUDA cores when forced.
+        _backend.Launches.Clear();
+        _ops.KernelChoice = DecodeKernelChoice.CudaCores;
+        _ops.Run(spec, query.Span, keys.Span, values.Span, lengths, output.Span);
+        Assert.Equal("attention_decode", Assert.Single(_backend.Launches).Kernel);
+    }
+
+    [Fact]
     public void ContiguousRun_RaggedKeyReuseRope_PassesRowsAndOptions()
     {
         // Ragged rows (b, kvh), key reuse (no values), interleaved RoPE with explicit positions, ALiBi, q_len 16 ×
@@ -158,8 +190,14 @@ public sealed class DecodeAttentionKernelsLaunchTests : IDisposable
         Assert.Equal(3, _ops.PlanSplits(spec with { Window = 1000, Sinks = 4 }, 32768));
         // Enough CTAs already (64 · 8 = 512 ≥ 0.8 · 396): no split.
         Assert.Equal(1, _ops.PlanSplits(spec with { BatchSize = 64 }, 32768));
-        // Many row tiles count as CTAs too: 16 query tokens × 128 heads = 2048 rows = 128 tiles per KV head.
-        Assert.Equal(1, _ops.PlanSplits(new DecodeAttentionSpec(1, 16, 512, 4, 128, KvCacheShape.Paged(4096, 16, 2048)), 32768));
+        // Many row tiles count as CTAs too: 16 query tokens × 128 heads = 2048 rows = 128 tiles per KV head on the CUDA
+        // cores; the tensor-core kernel (the default for so many rows) holds 64 rows per CTA: 4 · 32 = 128 CTAs against
+        // 132 SMs × 2, so it splits in 3.
+        var manyRows = new DecodeAttentionSpec(1, 16, 512, 4, 128, KvCacheShape.Paged(4096, 16, 2048));
+        Assert.Equal(3, _ops.PlanSplits(manyRows, 32768));
+        _ops.KernelChoice = DecodeKernelChoice.CudaCores;
+        Assert.Equal(1, _ops.PlanSplits(manyRows, 32768));
+        _ops.KernelChoice = DecodeKernelChoice.Auto;
         // A cap on the plan, and the spec's override.
         Assert.Equal(DecodeAttentionKernels.MaxPlannedSplits, _ops.PlanSplits(spec with { NumQueryHeads = 1, NumKvHeads = 1 }, 1 << 20));
         Assert.Equal(5, _ops.PlanSplits(spec with { Splits = 5 }, 10));

@@ -8,7 +8,8 @@ namespace KvKernels.Tests.Attention;
 /// <summary>
 /// The GPU decode-attention kernels against the float64 oracle, on every backend present, with the design tolerances
 /// (fp32 outputs 1e-5, fp16 2e-3, bf16 1e-2 relative; LSE 1e-5). Outputs and LSEs are poisoned (NaN) before each run,
-/// unused cache slots hold NaN, so an unwritten element or a masked value multiplied by 0 fails.
+/// unused cache slots hold NaN, so an unwritten element or a masked value multiplied by 0 fails. Every case runs
+/// through the CUDA-core kernel and, where it supports the case, the tensor-core kernel (forced, whatever the row count).
 /// </summary>
 public sealed class DecodeAttentionKernelsTests(Backends backends)
 {
@@ -69,24 +70,38 @@ public sealed class DecodeAttentionKernelsTests(Backends backends)
         new("gqa128-d256-contiguous-nhd-q3", Spec(1, 3, 128, 1, 256, KvCacheShape.Contiguous(100), F16, F16), [100], false),
     ];
 
-    public static TheoryData<string, int> CaseIndices
+    /// <summary>The kernel names of test rows: the CUDA-core kernel and the tensor-core kernel.</summary>
+    internal const string CudaCores = "cuda-cores", TensorCores = "tensor-cores";
+
+    /// <summary>The kernels that can run <paramref name="spec"/>.</summary>
+    internal static IEnumerable<string> KernelsFor(in DecodeAttentionSpec spec) =>
+        DecodeAttentionKernels.TensorCoresSupport(spec) ? [CudaCores, TensorCores] : [CudaCores];
+
+    /// <summary>Ops on <paramref name="device"/> that run <paramref name="kernel"/>.</summary>
+    internal static DecodeAttentionKernels Ops(CudaDevice device, string kernel) => new(device)
+    {
+        KernelChoice = kernel == TensorCores ? DecodeKernelChoice.TensorCores : DecodeKernelChoice.CudaCores,
+    };
+
+    public static TheoryData<string, int, string> CaseIndices
     {
         get
         {
-            var data = new TheoryData<string, int>();
+            var data = new TheoryData<string, int, string>();
             foreach (var backend in Backends.All)
-                for (int i = 0; i < Cases.Count; i++) data.Add(backend, i);
+                for (int i = 0; i < Cases.Count; i++)
+                    foreach (var kernel in KernelsFor(Cases[i].Spec)) data.Add(backend, i, kernel);
             return data;
         }
     }
 
     [Theory]
     [MemberData(nameof(CaseIndices))]
-    public void Decode_MatchesOracle(string backend, int caseIndex)
+    public void Decode_MatchesOracle(string backend, int caseIndex, string kernel)
     {
         var device = backends.Get(backend);
         var c = Cases[caseIndex];
-        var ops = new DecodeAttentionKernels(device);
+        var ops = Ops(device, kernel);
         switch (c.Spec.InputType, c.Spec.OutputType)
         {
             case (F16, F16): Check<Half, Half>(device, ops, c); break;
@@ -126,13 +141,14 @@ public sealed class DecodeAttentionKernelsTests(Backends backends)
         AssertClose<float>(lse, expectedLse, 1e-5, "LSE");
     }
 
-    public static TheoryData<string, int> SplitCases
+    public static TheoryData<string, int, string> SplitCases
     {
         get
         {
-            var data = new TheoryData<string, int>();
+            var data = new TheoryData<string, int, string>();
             foreach (var backend in Backends.All)
-                for (int i = 0; i < SplitSpecs.Length; i++) data.Add(backend, i);
+                for (int i = 0; i < SplitSpecs.Length; i++)
+                    foreach (var kernel in KernelsFor(SplitSpecs[i].Spec)) data.Add(backend, i, kernel);
             return data;
         }
     }
@@ -146,12 +162,12 @@ public sealed class DecodeAttentionKernelsTests(Backends backends)
 
     [Theory]
     [MemberData(nameof(SplitCases))]
-    public void ForcedSplits_GiveTheSameResultAsOneSplit(string backend, int index)
+    public void ForcedSplits_GiveTheSameResultAsOneSplit(string backend, int index, string kernel)
     {
         var device = backends.Get(backend);
         var (baseSpec, lengths) = SplitSpecs[index];
         var data = AttentionData<Half>.Create(baseSpec, new Random(100 + index), lengths);
-        var ops = new DecodeAttentionKernels(device);
+        var ops = Ops(device, kernel);
         using var workspace = new DecodeAttentionWorkspace(device, baseSpec.LseElements, baseSpec.OutputDim, maxSplits: 64);
         var (expected, expectedLse) = data.Expected();
         var spec = data.Spec;
@@ -173,16 +189,27 @@ public sealed class DecodeAttentionKernelsTests(Backends backends)
         AssertClose<float>(singleLse, expectedLse, 1e-5, "one split LSE vs oracle");
     }
 
+    public static TheoryData<string, string> BackendsAndKernels
+    {
+        get
+        {
+            var data = new TheoryData<string, string>();
+            foreach (var backend in Backends.All)
+                foreach (var kernel in new[] { CudaCores, TensorCores }) data.Add(backend, kernel);
+            return data;
+        }
+    }
+
     [Theory]
-    [MemberData(nameof(Backends.Names), MemberType = typeof(Backends))]
-    public void Splits_WithFp16Output_MatchOracle(string backend)
+    [MemberData(nameof(BackendsAndKernels))]
+    public void Splits_WithFp16Output_MatchOracle(string backend, string kernel)
     {
         var device = backends.Get(backend);
         var spec = Spec(1, 16, 8, 1, 128, Paged(16, 19, KvLayout.Hnd, 1), Bf16, F16) with { Splits = 3 };
         var data = AttentionData<BFloat16>.Create(spec, new Random(77), [300]);
         using var workspace = new DecodeAttentionWorkspace(device, spec.LseElements, 128, maxSplits: 4);
         var (expected, expectedLse) = data.Expected();
-        var (output, lse) = DecodeRunner.Run<BFloat16, Half>(device, new DecodeAttentionKernels(device), data, spec, withLse: true, workspace);
+        var (output, lse) = DecodeRunner.Run<BFloat16, Half>(device, Ops(device, kernel), data, spec, withLse: true, workspace);
         AssertClose(output, expected, 2e-3, "output");
         AssertClose<float>(lse, expectedLse, 1e-5, "LSE");
     }
