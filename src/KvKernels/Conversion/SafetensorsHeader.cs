@@ -113,7 +113,7 @@ internal static class SafetensorsHeader
                     offsets = Integers(field.Value, name, "data_offsets", source);
                     break;
                 default:
-                    throw Bad(source, $"tensor '{name}' has an unknown field '{field.Name}'");
+                    break; // other fields are ignored, as the reference reader does
             }
         }
         if (dtypeName is null || shape is null || offsets is null)
