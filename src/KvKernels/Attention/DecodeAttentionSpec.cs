@@ -334,8 +334,7 @@ public readonly record struct DecodeAttentionSpec(int BatchSize, int QueryLength
     /// <exception cref="ArgumentException">Names the offending parameter and entry.</exception>
     public int ValidateIndices(ReadOnlySpan<int> lengths, ReadOnlySpan<int> blockTable)
     {
-        if (Cache.IsPaged)
-            return new PagedBatchSpec(KeyPool, Rows, Cache.MaxPagesPerSequence, Cache.MaxTokens).ValidateBatch(blockTable, lengths, pagesWritten: false);
+        // Lengths first, under this method's parameter name (the paging check below would call them sequenceLengths).
         int longest = 0;
         for (int r = 0; r < lengths.Length; r++)
         {
@@ -343,6 +342,8 @@ public readonly record struct DecodeAttentionSpec(int BatchSize, int QueryLength
                 throw new ArgumentException($"lengths[{r}] is {lengths[r]}; expected 0..MaxTokens = {Cache.MaxTokens}.", nameof(lengths));
             longest = Math.Max(longest, lengths[r]);
         }
+        if (Cache.IsPaged)
+            return new PagedBatchSpec(KeyPool, Rows, Cache.MaxPagesPerSequence, Cache.MaxTokens).ValidateBatch(blockTable, lengths, pagesWritten: false);
         return longest;
     }
 
