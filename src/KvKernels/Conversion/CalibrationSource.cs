@@ -10,6 +10,9 @@ public abstract class CalibrationSource
     /// <paramref name="hiddenSize"/>.</summary>
     public abstract IEnumerable<float[]> Batches(int layer, int hiddenSize);
 
+    /// <summary>What supplies layer <paramref name="layer"/>'s activations (a tensor name, for messages).</summary>
+    public virtual string Describe(int layer) => $"calibration stream, layer {layer}";
+
     /// <summary>A generated stream: <paramref name="batches"/> is called per layer.</summary>
     public static CalibrationSource FromBatches(Func<int, int, IEnumerable<float[]>> batches) => new DelegateCalibration(batches);
 
@@ -49,7 +52,7 @@ public abstract class CalibrationSource
 
 /// <summary>
 /// Calibration activations from a safetensors file: one tensor per layer (name pattern
-/// <see cref="AttentionTensorNames.CalibrationInput"/>, <c>model.layers.{i}.self_attn.input</c> by default) of shape
+/// <c>model.layers.{i}.self_attn.input</c> by default: the input of the layer's Q/K/V projections) of shape
 /// <c>[…, hidden]</c>, any float type, read through the memory map in batches.
 /// </summary>
 public sealed class SafetensorsCalibration : CalibrationSource, IDisposable
@@ -83,6 +86,9 @@ public sealed class SafetensorsCalibration : CalibrationSource, IDisposable
 
     /// <summary>The file.</summary>
     public SafetensorsFile File => _file;
+
+    /// <inheritdoc/>
+    public override string Describe(int layer) => TensorNamePatterns.For(Pattern, layer);
 
     /// <inheritdoc/>
     /// <exception cref="CheckpointException">The layer's tensor is missing, not float, or its last dim is not the hidden size.</exception>

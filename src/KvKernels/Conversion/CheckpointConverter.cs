@@ -49,7 +49,7 @@ public sealed record GqaConversionOptions(int Groups)
 /// <param name="Compression">Groups and ranks.</param>
 public sealed record SvdConversionOptions(KvCompressionOptions Compression)
 {
-    /// <summary>Tensor names (Hugging Face Llama by default), including the calibration tensors'.</summary>
+    /// <summary>Tensor names (Hugging Face Llama by default).</summary>
     public AttentionTensorNames Names { get; init; } = new();
 
     /// <summary>The geometry, when the checkpoint has no <c>config.json</c> (otherwise read from it).</summary>
@@ -248,12 +248,12 @@ public static class CheckpointConverter
                 {
                     cancellation.ThrowIfCancellationRequested();
                     if (batch.Length % hidden != 0)
-                        throw new CheckpointException(TensorNamePatterns.For(names.CalibrationInput, l),
+                        throw new CheckpointException(calibration.Describe(l),
                             $"a calibration batch of layer {l} has {batch.Length} values, not a multiple of hidden_size {hidden}.");
                     moments.AddActivations(batch, batch.Length / hidden, weights);
                 }
                 if (moments.Tokens == 0)
-                    throw new CheckpointException(TensorNamePatterns.For(names.CalibrationInput, l), $"layer {l} has no calibration tokens.");
+                    throw new CheckpointException(calibration.Describe(l), $"layer {l} has no calibration tokens ({calibration.Describe(l)}).");
                 var bases = KvHeadBases.Fit(moments, compression);
                 energy[l] = new LayerEnergy(l, bases.KeyEnergy, bases.ValueEnergy, moments.Tokens);
                 var folded = KvHeadCompression.Fold(bases, weights);

@@ -31,10 +31,6 @@ public sealed record AttentionTensorNames
     /// <summary>Value bias (used when present).</summary>
     public string ValueBias { get; init; } = "model.layers.{i}.self_attn.v_proj.bias";
 
-    /// <summary>Calibration activations of a layer: the input of its Q/K/V projections (after the layer norm),
-    /// <c>[tokens, hidden]</c> (any leading dims), in the calibration file.</summary>
-    public string CalibrationInput { get; init; } = "model.layers.{i}.self_attn.input";
-
     /// <summary>Reads overrides from a JSON object whose keys are the property names in camelCase
     /// (<c>{"query": "transformer.h.{i}.attn.q.weight", …}</c>); absent keys keep their defaults.</summary>
     /// <exception cref="ArgumentException">An unknown key, a value that is not a string, or a pattern without <c>{i}</c>.</exception>
@@ -54,8 +50,7 @@ public sealed record AttentionTensorNames
                 "queryBias" => names with { QueryBias = value },
                 "keyBias" => names with { KeyBias = value },
                 "valueBias" => names with { ValueBias = value },
-                "calibrationInput" => names with { CalibrationInput = value },
-                _ => throw new ArgumentException($"unknown tensor-name key '{key}'; expected query, key, value, output, queryBias, keyBias, valueBias, calibrationInput.", nameof(json)),
+                _ => throw new ArgumentException($"unknown tensor-name key '{key}'; expected query, key, value, output, queryBias, keyBias, valueBias.", nameof(json)),
             };
         }
         return names;
