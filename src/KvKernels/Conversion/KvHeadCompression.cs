@@ -155,12 +155,18 @@ public sealed class KvCovariance
         if (tokens < 0 || activations.Length != (long)tokens * geo.HiddenSize)
             throw new ArgumentException($"activations has {activations.Length} elements; expected tokens·hidden = {(long)tokens * geo.HiddenSize}.", nameof(activations));
         if (tokens == 0) return;
-        float[] x = activations.ToArray();
-        var keys = RowMajor.MultiplyTransposeB(x, tokens, geo.HiddenSize, weights.Key, geo.KvHeads * geo.HeadDim);
-        var values = RowMajor.MultiplyTransposeB(x, tokens, geo.HiddenSize, weights.Value, geo.KvHeads * geo.ValueDim);
-        AddBias(keys, weights.KeyBias);
-        AddBias(values, weights.ValueBias);
-        AddKeysAndValues(keys, values, tokens);
+        // Kᵀ = W_K·Xᵀ [Hkv·Dk, tokens]: each group's rows are then contiguous for its moments.
+        var xt = SimdGemm.Transpose(activations, tokens, geo.HiddenSize);
+        int keyRows = geo.KvHeads * geo.HeadDim, valueRows = geo.KvHeads * geo.ValueDim;
+        var kt = new float[(long)keyRows * tokens];
+        var vt = new float[(long)valueRows * tokens];
+        SimdGemm.Multiply(weights.Key, 0, keyRows, geo.HiddenSize, xt, 0, tokens, kt, 0);
+        SimdGemm.Multiply(weights.Value, 0, valueRows, geo.HiddenSize, xt, 0, tokens, vt, 0);
+        AddBias(kt, weights.KeyBias, tokens);
+        AddBias(vt, weights.ValueBias, tokens);
+        AddGroupsTransposed(kt, tokens, HeadsPerGroup * geo.HeadDim, _keys);
+        AddGroupsTransposed(vt, tokens, HeadsPerGroup * geo.ValueDim, _values);
+        Tokens += tokens;
     }
 
     /// <summary>A copy of group <paramref name="group"/>'s key moments <c>[g·Dk, g·Dk]</c>.</summary>
@@ -175,22 +181,31 @@ public sealed class KvCovariance
 
     private void AddGroups(ReadOnlySpan<float> data, int tokens, int width, int m, double[][] target)
     {
-        var block = new double[(long)tokens * m];
+        // Transpose to [width, tokens] so that each group's rows are contiguous.
+        AddGroupsTransposed(SimdGemm.Transpose(data, tokens, width), tokens, m, target);
+    }
+
+    // rows [G·m, (G+1)·m) of the transposed data [Groups·m, tokens] give C_G += K_Gᵀ K_G = (K_Gᵀ)(K_Gᵀ)ᵀ; the batch's
+    // product is fp32 (a batch is a few hundred tokens), the running sum fp64.
+    private void AddGroupsTransposed(float[] transposed, int tokens, int m, double[][] target)
+    {
+        var rows = new float[(long)m * tokens];
+        var gram = new float[(long)m * m];
         for (int group = 0; group < Groups; group++)
         {
-            for (int t = 0; t < tokens; t++)
-            {
-                var row = data.Slice(t * width + group * m, m);
-                for (int i = 0; i < m; i++) block[(long)t * m + i] = row[i];
-            }
-            RowMajor.AddGram(block, tokens, m, target[group]);
+            Array.Copy(transposed, (long)group * m * tokens, rows, 0, rows.LongLength);
+            var t = SimdGemm.Transpose(rows, m, tokens);
+            SimdGemm.Multiply(rows, 0, m, tokens, t, 0, m, gram, 0);
+            var c = target[group];
+            for (int i = 0; i < c.Length; i++) c[i] += gram[i];
         }
     }
 
-    private static void AddBias(float[] rows, float[]? bias)
+    private static void AddBias(float[] transposed, float[]? bias, int tokens)
     {
         if (bias is null) return;
-        for (int i = 0; i < rows.Length; i++) rows[i] += bias[i % bias.Length];
+        for (int row = 0; row < bias.Length; row++)
+            for (int t = 0; t < tokens; t++) transposed[(long)row * tokens + t] += bias[row];
     }
 }
 
@@ -282,20 +297,19 @@ public sealed class KvHeadBases
         int r = options.KeyRankFor(geo), rv = options.ValueRankFor(geo);
         var key = new double[options.Groups][];
         var value = new double[options.Groups][];
-        double keyKept = 0, keyTotal = 0, valueKept = 0, valueTotal = 0;
-        for (int group = 0; group < options.Groups; group++)
+        var energy = new (double KeyKept, double KeyTotal, double ValueKept, double ValueTotal)[options.Groups];
+        Parallel.For(0, options.Groups, group =>
         {
             var (vb, vk, vt) = RealBasis(moments.ValueMomentsShared(group), moments.HeadsPerGroup * geo.ValueDim, rv);
-            value[group] = vb;
-            valueKept += vk;
-            valueTotal += vt;
             var (kb, kk, kt) = geo.Rope == RopeStyle.None
                 ? RealBasis(moments.KeyMomentsShared(group), moments.HeadsPerGroup * geo.HeadDim, r)
                 : RopeBasis(moments.KeyMomentsShared(group), geo, moments.HeadsPerGroup, r / geo.HeadDim);
+            value[group] = vb;
             key[group] = kb;
-            keyKept += kk;
-            keyTotal += kt;
-        }
+            energy[group] = (kk, kt, vk, vt);
+        });
+        double keyKept = energy.Sum(e => e.KeyKept), keyTotal = energy.Sum(e => e.KeyTotal);
+        double valueKept = energy.Sum(e => e.ValueKept), valueTotal = energy.Sum(e => e.ValueTotal);
         return new KvHeadBases(geo, options, key, value, keyKept, keyTotal, valueKept, valueTotal);
     }
 
@@ -390,7 +404,7 @@ public static class KvHeadCompression
     /// Folds <paramref name="bases"/> into <paramref name="weights"/>: per group W_K' = U_Kᵀ W_K,G and W_V' = U_Vᵀ W_V,G
     /// (biases alike); per query head h, reading original KV head j (local index l in its group), W_Q'^(h) =
     /// U_K,lᵀ W_Q^(h) where U_K,l is the l-th block of Dk rows of U_K, and W_O'^(h) = W_O^(h) U_V,l. At full rank
-    /// (U Uᵀ = I) every logit and every output is unchanged; the products run in fp64.
+    /// (U Uᵀ = I) every logit and every output is unchanged; the bases are fitted in fp64, the products run in fp32 (<c>SimdGemm</c>).
     /// </summary>
     /// <returns>Weights of shapes W_Q <c>[Hq·r, hidden]</c>, W_K <c>[G·r, hidden]</c>, W_V <c>[G·rv, hidden]</c>,
     /// W_O <c>[hidden, Hq·rv]</c>.</returns>
@@ -402,57 +416,70 @@ public static class KvHeadCompression
         weights.Validate(geo);
         int hidden = geo.HiddenSize, d = geo.HeadDim, dv = geo.ValueDim, r = bases.KeyRank, rv = bases.ValueRank;
         int groups = bases.Groups, g = geo.KvHeads / groups, rep = geo.GroupSize;
-        var keyBases = Enumerable.Range(0, groups).Select(bases.KeyBasis).ToArray();
-        var valueBases = Enumerable.Range(0, groups).Select(bases.ValueBasis).ToArray();
-        double queryScale = bases.Options.FoldScaleIntoQuery ? Math.Sqrt((double)r / d) : 1.0;
+        // fp32 transposed bases: row j of Uᵀ is direction j.
+        var keyT = Enumerable.Range(0, groups).Select(g0 => TransposeToSingle(bases.KeyBasis(g0), g * d, r, 1.0)).ToArray();
+        var valueT = Enumerable.Range(0, groups).Select(g0 => TransposeToSingle(bases.ValueBasis(g0), g * dv, rv, 1.0)).ToArray();
+        float queryScale = bases.Options.FoldScaleIntoQuery ? (float)Math.Sqrt((double)r / d) : 1f;
 
         var key = new float[(long)groups * r * hidden];
         var value = new float[(long)groups * rv * hidden];
         float[]? keyBias = weights.KeyBias is null ? null : new float[groups * r];
         float[]? valueBias = weights.ValueBias is null ? null : new float[groups * rv];
-        Parallel.For(0, groups, group =>
+        for (int group = 0; group < groups; group++)
         {
-            Project(keyBases[group], g * d, r, weights.Key, group * g * d, hidden, key, group * r, 1.0);
-            Project(valueBases[group], g * dv, rv, weights.Value, group * g * dv, hidden, value, group * rv, 1.0);
-            if (keyBias is not null) Project(keyBases[group], g * d, r, weights.KeyBias!, group * g * d, 1, keyBias, group * r, 1.0);
-            if (valueBias is not null) Project(valueBases[group], g * dv, rv, weights.ValueBias!, group * g * dv, 1, valueBias, group * rv, 1.0);
-        });
+            // W_K' rows of the group = U_Kᵀ [r, g·Dk] · W_K rows of the group [g·Dk, hidden]; biases alike.
+            SimdGemm.Multiply(keyT[group], 0, r, g * d, weights.Key, group * g * d * hidden, hidden, key, group * r * hidden);
+            SimdGemm.Multiply(valueT[group], 0, rv, g * dv, weights.Value, group * g * dv * hidden, hidden, value, group * rv * hidden);
+            if (keyBias is not null) SimdGemm.Multiply(keyT[group], 0, r, g * d, weights.KeyBias!, group * g * d, 1, keyBias, group * r);
+            if (valueBias is not null) SimdGemm.Multiply(valueT[group], 0, rv, g * dv, weights.ValueBias!, group * g * dv, 1, valueBias, group * rv);
+        }
 
         var query = new float[(long)geo.QueryHeads * r * hidden];
         float[]? queryBias = weights.QueryBias is null ? null : new float[geo.QueryHeads * r];
         var output = new float[(long)hidden * geo.QueryHeads * rv];
-        Parallel.For(0, geo.QueryHeads, h =>
+        var wo = new float[(long)hidden * dv];
+        var folded = new float[(long)hidden * rv];
+        for (int h = 0; h < geo.QueryHeads; h++)
         {
             int kvHead = h / rep, group = kvHead / g, local = kvHead % g;
-            var uk = Block(keyBases[group], local * d, d, r);       // [d, r]
-            Project(uk, d, r, weights.Query, h * d, hidden, query, h * r, queryScale);
-            if (queryBias is not null) Project(uk, d, r, weights.QueryBias!, h * d, 1, queryBias, h * r, queryScale);
+            // U_K,lᵀ [r, Dk]: columns l·Dk … of the group's Uᵀ, scaled for the new head dim when asked.
+            var uk = Columns(keyT[group], r, g * d, local * d, d, queryScale);
+            SimdGemm.Multiply(uk, 0, r, d, weights.Query, h * d * hidden, hidden, query, h * r * hidden);
+            if (queryBias is not null) SimdGemm.Multiply(uk, 0, r, d, weights.QueryBias!, h * d, 1, queryBias, h * r);
 
-            var uv = Block(valueBases[group], local * dv, dv, rv);  // [dv, rv]
-            var wo = new double[(long)hidden * dv];                 // W_O^(h): columns h·dv … of [hidden, Hq·dv]
-            for (int i = 0; i < hidden; i++)
-                for (int e = 0; e < dv; e++) wo[(long)i * dv + e] = weights.Output[(long)i * geo.QueryHeads * dv + h * dv + e];
-            var folded = RowMajor.Multiply(wo, hidden, dv, uv, rv);  // [hidden, rv]
-            for (int i = 0; i < hidden; i++)
-                for (int e = 0; e < rv; e++) output[(long)i * geo.QueryHeads * rv + h * rv + e] = (float)folded[(long)i * rv + e];
-        });
+            // W_O'^(h) = W_O^(h) [hidden, Dv] · U_V,l [Dv, rv].
+            var uv = Rows(bases.ValueBasis(group), local * dv, dv, rv);
+            for (int i = 0; i < hidden; i++) Array.Copy(weights.Output, (long)i * geo.QueryHeads * dv + h * dv, wo, (long)i * dv, dv);
+            SimdGemm.Multiply(wo, 0, hidden, dv, uv, 0, rv, folded, 0);
+            for (int i = 0; i < hidden; i++) Array.Copy(folded, (long)i * rv, output, (long)i * geo.QueryHeads * rv + h * rv, rv);
+        }
 
         return new AttentionWeights(query, key, value, output) { QueryBias = queryBias, KeyBias = keyBias, ValueBias = valueBias };
     }
 
-    // destination rows [row0, row0 + rank) = scale · Uᵀ [rank, m] · source rows [sourceRow, sourceRow + m) of width `columns`.
-    private static void Project(double[] u, int m, int rank, float[] source, int sourceRow, int columns, float[] destination, int row0, double scale)
+    // [m, r] fp64 row-major → its transpose [r, m] in fp32, times scale.
+    private static float[] TransposeToSingle(double[] basis, int m, int r, double scale)
     {
-        var block = new double[(long)m * columns];
-        for (long i = 0; i < block.LongLength; i++) block[i] = source[(long)sourceRow * columns + i];
-        var result = RowMajor.TransposeAMultiply(u, m, rank, block, columns); // [rank, columns]
-        for (long i = 0; i < result.LongLength; i++) destination[(long)row0 * columns + i] = (float)(scale * result[i]);
+        var result = new float[(long)r * m];
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < r; j++) result[(long)j * m + i] = (float)(scale * basis[(long)i * r + j]);
+        return result;
     }
 
-    private static double[] Block(double[] basis, int row0, int rows, int columns)
+    // Columns [column0, column0 + count) of a row-major [rows, width] matrix, times scale.
+    private static float[] Columns(float[] matrix, int rows, int width, int column0, int count, float scale)
     {
-        var block = new double[rows * columns];
-        Array.Copy(basis, (long)row0 * columns, block, 0, block.Length);
-        return block;
+        var result = new float[rows * count];
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < count; j++) result[i * count + j] = scale * matrix[i * width + column0 + j];
+        return result;
+    }
+
+    // Rows [row0, row0 + rows) of a row-major fp64 [*, columns] matrix, in fp32.
+    private static float[] Rows(double[] matrix, int row0, int rows, int columns)
+    {
+        var result = new float[rows * columns];
+        for (int i = 0; i < result.Length; i++) result[i] = (float)matrix[(long)row0 * columns + i];
+        return result;
     }
 }

@@ -11,7 +11,7 @@ namespace KvKernels.Conversion;
 /// <c>q̃^h·[c_KV; k_pe] = q_nope^h·k_nope^h + q_pe^h·k_pe</c> (RoPE is still applied to the last rope dims of q̃^h,
 /// as to q_pe^h); and the absorbed output is <c>W_O^h·W_UV^h</c> <c>[hidden, kv_lora]</c>, so <c>out = Σ_h
 /// W̃_O^h·o_lat^h</c> with <c>o_lat^h = Σ_j p^h_j c_KV,j</c>. Logits are unchanged: engines keep the original softmax
-/// scale (1/√(nope + rope) · mscale²), not 1/√(kv_lora + rope). Products run in fp64.
+/// scale (1/√(nope + rope) · mscale²), not 1/√(kv_lora + rope). Products run in fp32.
 /// </para>
 /// </summary>
 public static class MlaAbsorption
@@ -31,15 +31,13 @@ public static class MlaAbsorption
         var q = queryUp.ToArray();
         var kv = kvUp.ToArray();
         var result = new float[(long)heads * outRows * qIn];
-        Parallel.For(0, heads, h =>
+        for (int h = 0; h < heads; h++)
         {
-            var uq = Rows(q, h * geometry.QueryHeadDim, nope, qIn);   // [nope, q_in]
-            var uk = Rows(kv, h * kvRows, nope, lora);                  // [nope, kv_lora]
-            var absorbed = RowMajor.TransposeAMultiply(uk, nope, lora, uq, qIn); // [kv_lora, q_in]
-            long target = (long)h * outRows * qIn;
-            for (long i = 0; i < absorbed.LongLength; i++) result[target + i] = (float)absorbed[i];
-            Array.Copy(q, ((long)h * geometry.QueryHeadDim + nope) * qIn, result, target + (long)lora * qIn, (long)rope * qIn);
-        });
+            // W_UK^hᵀ [kv_lora, nope] · W_UQ^h [nope, q_in] into the head's first kv_lora rows; then its rope rows as they are.
+            var ukT = SimdGemm.Transpose(kv.AsSpan(h * kvRows * lora, nope * lora), nope, lora);
+            SimdGemm.Multiply(ukT, 0, lora, nope, q, h * geometry.QueryHeadDim * qIn, qIn, result, h * outRows * qIn);
+            Array.Copy(q, ((long)h * geometry.QueryHeadDim + nope) * qIn, result, (long)h * outRows * qIn + (long)lora * qIn, (long)rope * qIn);
+        }
         return result;
     }
 
@@ -57,24 +55,16 @@ public static class MlaAbsorption
         var o = output.ToArray();
         var kv = kvUp.ToArray();
         var result = new float[(long)hidden * heads * lora];
-        Parallel.For(0, heads, h =>
+        var wo = new float[(long)hidden * v];
+        var absorbed = new float[(long)hidden * lora];
+        for (int h = 0; h < heads; h++)
         {
-            var wo = new double[(long)hidden * v];
-            for (int i = 0; i < hidden; i++)
-                for (int e = 0; e < v; e++) wo[(long)i * v + e] = o[(long)i * heads * v + h * v + e];
-            var uv = Rows(kv, h * (nope + v) + nope, v, lora);           // [v, kv_lora]
-            var absorbed = RowMajor.Multiply(wo, hidden, v, uv, lora);  // [hidden, kv_lora]
-            for (int i = 0; i < hidden; i++)
-                for (int c = 0; c < lora; c++) result[(long)i * heads * lora + h * lora + c] = (float)absorbed[(long)i * lora + c];
-        });
+            // W_O^h [hidden, v] · W_UV^h [v, kv_lora], written to the head's kv_lora columns.
+            for (int i = 0; i < hidden; i++) Array.Copy(o, (long)i * heads * v + h * v, wo, (long)i * v, v);
+            SimdGemm.Multiply(wo, 0, hidden, v, kv, (h * (nope + v) + nope) * lora, lora, absorbed, 0);
+            for (int i = 0; i < hidden; i++) Array.Copy(absorbed, (long)i * lora, result, (long)i * heads * lora + h * lora, lora);
+        }
         return result;
-    }
-
-    private static double[] Rows(float[] matrix, int row0, int rows, int columns)
-    {
-        var block = new double[(long)rows * columns];
-        for (long i = 0; i < block.LongLength; i++) block[i] = matrix[(long)row0 * columns + i];
-        return block;
     }
 
     private static void Check(long actual, long expected, string name)

@@ -58,7 +58,12 @@ public sealed class CheckpointConversionTests
         {
             var weights = LayerWeights(input, layer);
             var moments = new KvCovariance(geo, 2);
-            moments.AddActivations(file.ReadSingles(file.Get($"model.layers.{layer}.self_attn.input")), 96, weights);
+            var activations = file.ReadSingles(file.Get($"model.layers.{layer}.self_attn.input"));
+            foreach (int start in new[] { 0, 40, 80 }) // the calibration source's batches of 40 tokens
+            {
+                int n = Math.Min(40, 96 - start);
+                moments.AddActivations(activations.AsSpan(start * 32, n * 32), n, weights);
+            }
             var bases = KvHeadBases.Fit(moments, new KvCompressionOptions(2));
             var expected = KvHeadCompression.Fold(bases, weights);
             var written = LayerWeights(output, layer);

@@ -186,6 +186,11 @@ internal static class ConvertCommand
     private static int Convert(ParseResult parse, Common common, Func<string, string, IProgress<ConversionProgress>, ConversionReport> run)
     {
         string input = parse.GetValue(common.In)!, output = parse.GetValue(common.Out)!;
+        if (!parse.GetValue(common.Force) && (File.Exists(output) || Directory.Exists(output)))
+        {
+            Ui.Error($"'{Path.GetFullPath(output)}' exists; pass --force to replace it (the old one stays until the new one is complete).");
+            return ExitCodes.CheckFailed;
+        }
         ConversionReport report;
         try
         {
