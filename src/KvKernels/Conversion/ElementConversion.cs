@@ -1,3 +1,4 @@
+using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 
@@ -14,11 +15,8 @@ internal static class ElementConversion
                 MemoryMarshal.Cast<byte, float>(source).CopyTo(destination);
                 break;
             case SafetensorsDType.F16:
-            {
-                var h = MemoryMarshal.Cast<byte, Half>(source);
-                for (int i = 0; i < h.Length; i++) destination[i] = (float)h[i];
+                TensorPrimitives.ConvertToSingle(MemoryMarshal.Cast<byte, Half>(source), destination);
                 break;
-            }
             case SafetensorsDType.BF16:
                 WidenBFloat16(MemoryMarshal.Cast<byte, ushort>(source), destination);
                 break;
@@ -41,17 +39,11 @@ internal static class ElementConversion
                 MemoryMarshal.AsBytes(source).CopyTo(destination);
                 break;
             case SafetensorsDType.F16:
-            {
-                var h = MemoryMarshal.Cast<byte, Half>(destination);
-                for (int i = 0; i < source.Length; i++) h[i] = (Half)source[i];
+                TensorPrimitives.ConvertToHalf(source, MemoryMarshal.Cast<byte, Half>(destination));
                 break;
-            }
             case SafetensorsDType.BF16:
-            {
-                var b = MemoryMarshal.Cast<byte, BFloat16>(destination);
-                for (int i = 0; i < source.Length; i++) b[i] = (BFloat16)source[i];
+                NarrowBFloat16(source, MemoryMarshal.Cast<byte, ushort>(destination));
                 break;
-            }
             case SafetensorsDType.F64:
             {
                 var d = MemoryMarshal.Cast<byte, double>(destination);
@@ -61,6 +53,35 @@ internal static class ElementConversion
             default:
                 throw new NotSupportedException($"{type.Name()} is not a float type.");
         }
+    }
+
+    // fp32 → bf16 rounding to nearest even, NaN to 0x7FFF: the same function as the BFloat16 conversion, eight at a time.
+    private static void NarrowBFloat16(ReadOnlySpan<float> source, Span<ushort> destination)
+    {
+        var bits = MemoryMarshal.Cast<float, uint>(source);
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            var magnitude = Vector256.Create(0x7FFFFFFFu);
+            var infinity = Vector256.Create(0x7F800000u);
+            var half = Vector256.Create(0x7FFFu);
+            var one = Vector256.Create(1u);
+            var nan = Vector256.Create(0x7FFFu << 16);
+            for (; i + 2 * Vector256<uint>.Count <= bits.Length; i += 2 * Vector256<uint>.Count)
+            {
+                var lo = Round(Vector256.Create(bits.Slice(i, Vector256<uint>.Count)));
+                var hi = Round(Vector256.Create(bits.Slice(i + Vector256<uint>.Count, Vector256<uint>.Count)));
+                Vector256.Narrow(lo, hi).CopyTo(destination.Slice(i));
+            }
+
+            Vector256<uint> Round(Vector256<uint> u)
+            {
+                var rounded = u + half + ((u >>> 16) & one);
+                var isNaN = Vector256.GreaterThan(u & magnitude, infinity);
+                return Vector256.ConditionalSelect(isNaN, nan, rounded) >>> 16;
+            }
+        }
+        for (; i < bits.Length; i++) destination[i] = ((BFloat16)source[i]).Bits;
     }
 
     // bf16 → fp32 is a 16-bit shift: exact, and vectorised because checkpoints are mostly bf16.

@@ -110,19 +110,31 @@ public sealed class SafetensorsTests
     {
         using var dir = new TempDirectory();
         var random = new Random(7);
-        float[] values = [.. ConversionFixtures.RandomArray(random, 37, 3f), 1f / 3, 65519f, -0f, float.PositiveInfinity, 1e-8f];
+        // Special values first, so that the vectorised conversions meet them, then random ones and a scalar tail.
+        float[] values =
+        [
+            1f / 3, 65519f, -0f, float.PositiveInfinity, 1e-8f, float.NaN, -float.NaN, float.NegativeInfinity,
+            BitConverter.UInt32BitsToSingle(0x3F808000), BitConverter.UInt32BitsToSingle(0x3F818000), // bf16 ties: to even
+            BitConverter.UInt32BitsToSingle(0x7F7FFFFF), float.Epsilon,
+            .. ConversionFixtures.RandomArray(random, 37, 3f),
+        ];
         ConversionFixtures.WriteFile(dir["x.safetensors"], [new("x", dtype, [values.Length], values)]);
         using var file = SafetensorsFile.Open(dir["x.safetensors"]);
         var read = file.ReadSingles(file.Get("x"));
         for (int i = 0; i < values.Length; i++)
         {
+            if (float.IsNaN(values[i]))
+            {
+                Assert.True(float.IsNaN(read[i]), $"element {i}: NaN became {read[i]}");
+                continue;
+            }
             float expected = dtype switch
             {
                 SafetensorsDType.F16 => (float)(Half)values[i],          // .NET's conversion rounds to nearest even
                 SafetensorsDType.BF16 => BFloat16RoundNearestEven(values[i]),
                 _ => values[i],
             };
-            Assert.Equal(BitConverter.SingleToInt32Bits(expected), BitConverter.SingleToInt32Bits(read[i]));
+            Assert.True(BitConverter.SingleToInt32Bits(expected) == BitConverter.SingleToInt32Bits(read[i]), $"element {i}: {values[i]} → {read[i]}, expected {expected}");
         }
         // Partial reads at an offset that is not a multiple of the vector width.
         var part = new float[29];
