@@ -84,6 +84,9 @@ public sealed record MlaFoldOptions
 /// layer by layer: <see cref="ConvertToGqa"/> (mean or weighted pooling), <see cref="CompressWithSvd"/> (calibrated
 /// principal directions folded into the projections, RoPE-compatible), <see cref="FoldMla"/> (absorbed MLA weights).
 /// Missing or misshapen tensors are reported before anything is written; the output appears only when complete.
+/// A directory converts to a directory (same shards, updated index and config, other files copied); a single file to a
+/// single file, whose <c>__metadata__</c> then carries the updated config under <c>kvkernels.config</c> when the input
+/// had a <c>config.json</c> beside it.
 /// </summary>
 public static class CheckpointConverter
 {

@@ -134,6 +134,8 @@ internal static class CheckpointRewriter
         void WriteFile(string path, SafetensorsFile source, List<Entry> entries)
         {
             var metadata = new Dictionary<string, string>(source.Metadata, StringComparer.Ordinal) { ["kvkernels.conversion"] = description };
+            // A single-file output has no directory for its config: the updated config travels in the metadata.
+            if (!input.IsDirectory && config is not null) metadata["kvkernels.config"] = config.Json.ToJsonString();
             using var writer = SafetensorsWriter.Create(path, entries.Select(e => e.Declaration).ToList(), metadata, overwrite);
             foreach (var entry in entries)
             {

@@ -104,6 +104,13 @@ public sealed class CheckpointConversionTests
         Assert.Contains("gqa mean pooling", file.Metadata["kvkernels.conversion"]);
         Assert.Equal("pt", file.Metadata["format"]);
         Assert.Equal(4 * report.CacheBytesPerTokenAfter, report.CacheBytesPerTokenBefore);
+        Assert.False(file.Metadata.ContainsKey("kvkernels.config"));
+
+        // With a config.json beside the file, the updated config travels in the output's metadata.
+        File.Copy(dir["model/config.json"], dir["config.json"]);
+        CheckpointConverter.ConvertToGqa(dir["alone.safetensors"], dir["gqa2.safetensors"], new GqaConversionOptions(2));
+        using var withConfig = SafetensorsFile.Open(dir["gqa2.safetensors"]);
+        Assert.Equal(2, (int)JsonNode.Parse(withConfig.Metadata["kvkernels.config"])!["num_key_value_heads"]!);
     }
 
     private static void AssertNothingWritten(TempDirectory dir, string[] before)
