@@ -175,7 +175,7 @@ public static class CheckpointConverter
 
         static float[] Pool(float[] weight, int heads, int rows, int groups, float[] headWeights)
         {
-            var result = new float[weight.LongLength / heads * groups];
+            var result = GC.AllocateUninitializedArray<float>((int)(weight.LongLength / heads * groups)); // Pool writes every element
             HeadPooling.Pool(weight, heads, rows, groups, headWeights, result);
             return result;
         }

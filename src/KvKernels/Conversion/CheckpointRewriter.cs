@@ -131,6 +131,32 @@ internal static class CheckpointRewriter
         long written = 0, fileBytes = 0;
         progress?.Report(new ConversionProgress("starting", 0, rewrites.Count, 0, totalBytes));
 
+        // Layers are computed one ahead on a worker while this thread writes, so computation hides behind I/O. At most
+        // one computation runs at a time (calibration sources are read in layer order, never concurrently).
+        var order = plan.SelectMany(p => p.Entries).Where(e => e.Kind == EntryKind.Produce).Select(e => e.Rewrite!).Distinct().ToList();
+        var pending = new Dictionary<LayerRewrite, Task<IReadOnlyDictionary<string, float[]>>>();
+        int next = 0;
+        void StartNext()
+        {
+            if (next < order.Count && !cancellation.IsCancellationRequested)
+            {
+                var rewrite = order[next++];
+                pending[rewrite] = Task.Run(rewrite.Compute, cancellation);
+            }
+        }
+
+        IReadOnlyDictionary<string, float[]> Results(LayerRewrite rewrite)
+        {
+            if (computed.TryGetValue(rewrite, out var results)) return results;
+            progress?.Report(new ConversionProgress($"layer {rewrite.Layer}", layersDone, rewrites.Count, written, totalBytes));
+            while (!pending.ContainsKey(rewrite) && next < order.Count) StartNext();
+            results = pending[rewrite].GetAwaiter().GetResult();
+            pending.Remove(rewrite);
+            computed[rewrite] = results;
+            if (pending.Count == 0) StartNext();
+            return results;
+        }
+
         void WriteFile(string path, SafetensorsFile source, List<Entry> entries)
         {
             var metadata = new Dictionary<string, string>(source.Metadata, StringComparer.Ordinal) { ["kvkernels.conversion"] = description };
@@ -147,12 +173,7 @@ internal static class CheckpointRewriter
                 else
                 {
                     var rewrite = entry.Rewrite!;
-                    if (!computed.TryGetValue(rewrite, out var results))
-                    {
-                        progress?.Report(new ConversionProgress($"layer {rewrite.Layer}", layersDone, rewrites.Count, written, totalBytes));
-                        computed[rewrite] = results = rewrite.Compute();
-                    }
-                    var values = results.TryGetValue(entry.Declaration.Name, out var v) ? v
+                    var values = Results(rewrite).TryGetValue(entry.Declaration.Name, out var v) ? v
                         : throw new InvalidOperationException($"layer {rewrite.Layer} computed no '{entry.Declaration.Name}'.");
                     if (values.LongLength != entry.Declaration.ElementCount)
                         throw new InvalidOperationException($"layer {rewrite.Layer} computed {values.LongLength} elements for '{entry.Declaration.Name}'; {entry.Declaration.ElementCount} declared.");
@@ -169,23 +190,44 @@ internal static class CheckpointRewriter
             fileBytes += writer.TotalBytes;
         }
 
-        if (!input.IsDirectory)
+        try
         {
-            if (plan.Count != 1) throw new InvalidOperationException("a single-file checkpoint has one file.");
-            WriteFile(output, plan[0].Source, plan[0].Entries);
+            WriteAll();
         }
-        else
+        finally
         {
-            using var staged = StagedDirectory.Create(output, overwrite);
-            foreach (var (fileName, source, entries) in plan) WriteFile(staged.PathOf(fileName), source, entries);
-            progress?.Report(new ConversionProgress("config, index and other files", layersDone, rewrites.Count, written, totalBytes));
-            if (config is not null) File.WriteAllText(staged.PathOf(Checkpoint.ConfigFileName), config.ToJsonString() + "\n");
-            if (input.HasIndex) WriteIndex(staged.PathOf(Checkpoint.IndexFileName), input, plan.Select(p => (p.FileName, p.Entries.Select(e => e.Declaration))));
-            foreach (string other in input.OtherFiles) File.Copy(Path.Combine(input.Path, other), staged.PathOf(other));
-            staged.Commit();
+            // A computation still running reads the input's memory maps: it must end before the caller unmaps them.
+            foreach (var task in pending.Values)
+                try
+                {
+                    task.Wait(CancellationToken.None);
+                }
+                catch (Exception)
+                {
+                    // Its failure is not this call's: the conversion already failed (or finished) for another reason.
+                }
         }
         progress?.Report(new ConversionProgress("done", layersDone, rewrites.Count, written, totalBytes));
         return (fileBytes, clock.Elapsed);
+
+        void WriteAll()
+        {
+            if (!input.IsDirectory)
+            {
+                if (plan.Count != 1) throw new InvalidOperationException("a single-file checkpoint has one file.");
+                WriteFile(output, plan[0].Source, plan[0].Entries);
+            }
+            else
+            {
+                using var staged = StagedDirectory.Create(output, overwrite);
+                foreach (var (fileName, source, entries) in plan) WriteFile(staged.PathOf(fileName), source, entries);
+                progress?.Report(new ConversionProgress("config, index and other files", layersDone, rewrites.Count, written, totalBytes));
+                if (config is not null) File.WriteAllText(staged.PathOf(Checkpoint.ConfigFileName), config.ToJsonString() + "\n");
+                if (input.HasIndex) WriteIndex(staged.PathOf(Checkpoint.IndexFileName), input, plan.Select(p => (p.FileName, p.Entries.Select(e => e.Declaration))));
+                foreach (string other in input.OtherFiles) File.Copy(Path.Combine(input.Path, other), staged.PathOf(other));
+                staged.Commit();
+            }
+        }
     }
 
     private static void WriteIndex(string path, Checkpoint input, IEnumerable<(string FileName, IEnumerable<TensorDeclaration> Tensors)> files)

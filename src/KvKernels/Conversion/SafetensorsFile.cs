@@ -149,7 +149,7 @@ public sealed unsafe partial class SafetensorsFile : IDisposable
     /// <summary>The whole of a float tensor as fp32 (a new array).</summary>
     public float[] ReadSingles(SafetensorsTensor tensor)
     {
-        var result = new float[tensor.ElementCount];
+        var result = GC.AllocateUninitializedArray<float>(checked((int)tensor.ElementCount)); // every element is read into
         ReadSingles(tensor, 0, result);
         return result;
     }
