@@ -274,14 +274,17 @@ internal static class ConvertCommand
         var runs = new Option<int>("--runs") { Description = "Copy/convert pairs to time (the median is reported).", DefaultValueFactory = _ => 3, HelpName = "N" };
         var directory = new Option<DirectoryInfo?>("--dir") { Description = "Where to generate (default: the temp folder); needs about 2.1× the checkpoint free.", HelpName = "DIR" };
         foreach (var option in new Option[] { layers, svdLayers, runs, directory }) command.Options.Add(option);
-        command.Validators.Add(result =>
+        command.SetAction(parse =>
         {
-            if (result.GetValue(layers) < 1) result.AddError("--layers must be ≥ 1.");
-            if (result.GetValue(svdLayers) < 0) result.AddError("--svd-layers must be ≥ 0.");
-            if (result.GetValue(runs) < 1) result.AddError("--runs must be ≥ 1.");
+            // Checked here rather than in a command validator, which does not see the options' default values.
+            int n = parse.GetValue(layers), svd = parse.GetValue(svdLayers), count = parse.GetValue(runs);
+            if (n < 1 || svd < 0 || count < 1)
+            {
+                Ui.Error("--layers and --runs must be ≥ 1, --svd-layers ≥ 0.");
+                return ExitCodes.Usage;
+            }
+            return Program.Guard(() => RunBench(n, svd, count, parse.GetValue(directory)?.FullName ?? Path.GetTempPath()));
         });
-        command.SetAction(parse => Program.Guard(() => RunBench(parse.GetValue(layers), parse.GetValue(svdLayers), parse.GetValue(runs),
-            parse.GetValue(directory)?.FullName ?? Path.GetTempPath())));
         return command;
     }
 
