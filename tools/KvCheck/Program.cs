@@ -18,6 +18,7 @@ public static class Program
             CompileCommand.Create(),
             VerifyCommand.Create(),
             BenchCommand.Create(),
+            ConvertCommand.Create(),
         };
         var parse = root.Parse(args);
         int code = parse.Invoke();
