@@ -5,7 +5,7 @@ using KvKernels.Cuda;
 
 namespace KvCheck;
 
-/// <summary>KvCheck: info | compile | verify | bench — the KvKernels command-line tool.</summary>
+/// <summary>KvCheck: info | compile | verify | bench | convert — the KvKernels command-line tool.</summary>
 public static class Program
 {
     public static int Main(string[] args)
