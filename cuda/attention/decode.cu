@@ -300,6 +300,245 @@ struct token_list {
     KVK_INLINE int token(int e) const { return e < aEnd ? e : bStart + (e - aEnd); }
 };
 
+// A CTA's place in the grid and the constants of its (storage row, KV head). blockIdx.x =
+// ((b * Hkv + kvh) * splits + split) * rowTiles + rowTile: the row tiles of one KV chunk are neighbours, so
+// their re-reads of it come from L2. Query rows are packed p = token * group + head-in-group.
+struct decode_cta {
+    int rowTile, split, kvh, b;
+    int queryLength, numQueryHeads, group, packedRows, storageRow;
+
+    KVK_INLINE decode_cta(int splits, int rowTiles, int queryLength_, int numQueryHeads_, int numKvHeads, int ragged)
+    {
+        kvk_u32 flat = blockIdx.x;
+        rowTile = (int)(flat % (kvk_u32)rowTiles);
+        flat /= (kvk_u32)rowTiles;
+        split = (int)(flat % (kvk_u32)splits);
+        flat /= (kvk_u32)splits;
+        kvh = (int)(flat % (kvk_u32)numKvHeads);
+        b = (int)(flat / (kvk_u32)numKvHeads);
+        queryLength = queryLength_;
+        numQueryHeads = numQueryHeads_;
+        group = numQueryHeads / numKvHeads;
+        packedRows = queryLength * group;
+        storageRow = ragged ? b * numKvHeads + kvh : b;
+    }
+
+    // The row's cached length, clamped to [0, maxTokens] (only for b < batch).
+    KVK_INLINE int length(const kvk_i32* lengths, int maxTokens) const
+    {
+        return kvk_max(0, kvk_min(kvk_ldg_i32(lengths + storageRow), maxTokens));
+    }
+
+    // Index of packed row pr in the [batch][queryLength][numQueryHeads] query and output rows.
+    KVK_INLINE kvk_i64 global_row(int pr) const
+    {
+        return ((kvk_i64)b * queryLength + pr / group) * numQueryHeads + (kvh * group + pr % group);
+    }
+
+    // Packed row pr's query index in the sequence (-1: a padding row sees nothing) and ALiBi slope.
+    KVK_INLINE void row_constants(int pr, int length, const float* alibiSlopes, int& qIndex, float& slope) const
+    {
+        qIndex = -1;
+        slope = 0.0f;
+        if (pr < packedRows) {
+            qIndex = length - queryLength + pr / group;
+            if (alibiSlopes != nullptr) slope = alibiSlopes[kvh * group + pr % group];
+        }
+    }
+};
+
+// This split's chunk [begin, end) of the visible token list (chunk = ceil(count / splits) rounded up to the
+// tile) and its number of tiles.
+struct decode_chunk {
+    token_list list;
+    int begin, end, tiles;
+
+    KVK_INLINE decode_chunk(const token_list& list_, int split, int splits, int tile) : list(list_)
+    {
+        const kvk_i64 chunk = ((kvk_i64)ceil_div(list.count, splits) + tile - 1) / tile * tile;
+        begin = (int)kvk_min<kvk_i64>(list.count, split * chunk);
+        end = (int)kvk_min<kvk_i64>(list.count, begin + chunk);
+        tiles = ceil_div(end - begin, tile);
+    }
+};
+
+// Storage row (in head rows of Dk or Dv elements) of list position e, or -1 past the chunk; with RoPE also
+// the token's position (explicit or its index).
+struct kv_locator {
+    token_list list;
+    int end, storageRow, kvh, poolKvHeads, maxTokens, slotsPerPage;
+    const kvk_i32* positions;
+#if PAGED
+    kvk_fastdiv pageDiv;
+    const kvk_i32* table;
+#endif
+
+    KVK_INLINE kv_locator(const decode_cta& cta, const decode_chunk& chunk, const kvk_i32* blockTable, const kvk_i32* positions_,
+                          int poolKvHeads_, int maxTokens_, int pageSize, int maxPagesPerSeq)
+        : list(chunk.list), end(chunk.end), storageRow(cta.storageRow), kvh(cta.kvh), poolKvHeads(poolKvHeads_),
+          maxTokens(maxTokens_), positions(positions_)
+#if PAGED
+          , pageDiv((kvk_u32)pageSize), table(blockTable + (kvk_i64)cta.storageRow * maxPagesPerSeq)
+#endif
+    {
+#if PAGED
+        slotsPerPage = pageSize;
+#else
+        (void)blockTable; (void)pageSize; (void)maxPagesPerSeq;
+        slotsPerPage = maxTokens;
+#endif
+    }
+
+    KVK_INLINE kvk_i64 operator()(int e, int& pos) const
+    {
+        pos = 0;
+        if (e >= end) return -1;
+        const int n = list.token(e);
+        // The storage head is derived here, where it is used: computed up front (live from the kernel's start)
+        // it cost attention_decode_mma a spill at Dk = Dv = 256 and attention_decode 9 registers on sm_90.
+        const int storageHead = poolKvHeads == 1 ? 0 : kvh;
+#if ROPE_STYLE != 0
+        pos = positions != nullptr ? kvk_ldg_i32(positions + (kvk_i64)storageRow * maxTokens + n) : n;
+#endif
+#if PAGED
+        kvk_u32 pageIndex, offset;
+        pageDiv.divmod((kvk_u32)n, pageIndex, offset);
+        const kvk_i64 page = kvk_ldg_i32(table + pageIndex);
+#else
+        const kvk_i64 page = storageRow;
+        const kvk_u32 offset = (kvk_u32)n;
+#endif
+#if KV_LAYOUT_HND
+        return (page * poolKvHeads + storageHead) * slotsPerPage + offset;
+#else
+        return (page * slotsPerPage + offset) * poolKvHeads + storageHead;
+#endif
+    }
+};
+
+// The double-buffered K/V stages of a CTA of Threads threads: stage s holds Tile tokens, key rows of KStride
+// and value rows of VStride 16-byte units (a raw 16-bit row is kDk / 8 or kDv / 8 units; the rest is
+// padding), and the tokens' storage rows (and RoPE positions, tokenPos null without RoPE) live in
+// rowIndex[s] (tokenPos[s]).
+template <int Tile, int Threads, int KStride, int VStride>
+struct kv_stages {
+    enum : int {
+        kStageBytes = Tile * KStride * 16,
+        vStageBytes = KEY_REUSE ? 0 : Tile * VStride * 16,
+    };
+    kvk_i64* rowIndex;
+    kvk_i32* tokenPos;
+    kvk_u8* kStage;
+    kvk_u8* vStage;
+
+    KVK_INLINE const kvk_u8* k_tile(int s) const { return kStage + s * kStageBytes; }
+    // With key reuse the raw 16-bit key tile is the value tile.
+    KVK_INLINE const kvk_u8* v_tile(int s) const { return KEY_REUSE ? k_tile(s) : vStage + s * vStageBytes; }
+
+    // Thread tid (< Tile) records its token's storage row and position in stage s.
+    KVK_INLINE void set_row(int s, int tid, kvk_i64 row, int pos) const
+    {
+        if (tid < Tile) {
+            rowIndex[s * Tile + tid] = row;
+            if (kRope) tokenPos[s * Tile + tid] = pos;
+        }
+    }
+
+    // Issues the cp.asyncs of tile t (t < numTiles) into stage s from rowIndex[s]; always commits a group.
+    // Tokens past the chunk (row -1) are zero-filled (src-size 0; see the file comment).
+    KVK_INLINE void issue(int t, int s, int numTiles, const in_t* keys, const in_t* values, int tid) const
+    {
+        if (t < numTiles) {
+            const kvk_i64* idx = rowIndex + s * Tile;
+            kvk_u8* kDst = kStage + s * kStageBytes;
+            for (int c = tid; c < Tile * (kDk / 8); c += Threads) {
+                const int token = c / (kDk / 8), u = c % (kDk / 8);
+                const kvk_i64 row = idx[token];
+                const in_t* src = row >= 0 ? keys + row * kDk + u * 8 : keys;
+                kvk_cp_async_cg16(kDst + (token * KStride + u) * 16, src, row >= 0 ? 16u : 0u);
+            }
+#if !KEY_REUSE
+            kvk_u8* vDst = vStage + s * vStageBytes;
+            for (int c = tid; c < Tile * (kDv / 8); c += Threads) {
+                const int token = c / (kDv / 8), u = c % (kDv / 8);
+                const kvk_i64 row = idx[token];
+                const in_t* src = row >= 0 ? values + row * kDv + u * 8 : values;
+                kvk_cp_async_cg16(vDst + (token * VStride + u) * 16, src, row >= 0 ? 16u : 0u);
+            }
+#else
+            (void)values;
+#endif
+        }
+        kvk_cp_async_commit();
+    }
+
+    // Prologue: the addresses of tiles 0 and 1 (list positions from `begin`), then their loads.
+    KVK_INLINE void start(const kv_locator& locate, int begin, int numTiles, const in_t* keys, const in_t* values, int tid) const
+    {
+        KVK_UNROLL
+        for (int s = 0; s < 2; ++s) {
+            if (tid < Tile) {
+                int pos;
+                const kvk_i64 row = locate(begin + s * Tile + tid, pos);
+                set_row(s, tid, row, pos);
+            }
+        }
+        __syncthreads();
+        issue(0, 0, numTiles, keys, values, tid);
+        issue(1, 1, numTiles, keys, values, tid);
+    }
+};
+
+// Base-2 logit of a key (index n, raw score already scaled) for a row with query index qIndex, or -inf where
+// the row cannot see it: soft-cap, ALiBi bias, then causality, the window and the sinks.
+KVK_INLINE float logit2(float score, int n, bool inChunk, int qIndex, float slope, bool alibi, float softCap, int window, int sinks)
+{
+    if (softCap > 0.0f) score = softCap * tanhf(score / softCap);
+    if (alibi) score -= slope * (float)(qIndex - n);
+    const bool visible = inChunk && n <= qIndex && (window == 0 || n < sinks || qIndex - n < window);
+    return visible ? score * kLog2e : neg_inf();
+}
+
+// The max to subtract in ex2: 0 while the row has seen nothing, so that (-inf) - (-inf) is never computed.
+KVK_INLINE float max_for_ex2(float m) { return m == neg_inf() ? 0.0f : m; }
+
+// Merges softmax state (m2, l2) into (m, l); the outputs are then o * a1 + o2 * a2.
+KVK_INLINE void merge_state(float& m, float& l, float m2, float l2, float& a1, float& a2)
+{
+    const float mNew = fmaxf(m, m2);
+    const float mUse = max_for_ex2(mNew);
+    a1 = kvk_ex2(m - mUse);
+    a2 = kvk_ex2(m2 - mUse);
+    l = l * a1 + l2 * a2;
+    m = mNew;
+}
+
+// A row's final state: the factor of its output (1 / (l * lScale), lScale the factor P carried) and its
+// natural-log LSE; a row that saw nothing gets 0 and -inf.
+struct row_result {
+    float inv, lse;
+
+    KVK_INLINE row_result(float m, float l, float lScale)
+    {
+        const bool empty = !(l > 0.0f);
+        inv = empty ? 0.0f : 1.0f / (l * lScale);
+        lse = empty ? neg_inf() : (m + kvk_lg2(l)) * kLn2;
+    }
+};
+
+// The LSE of output row outRow: this split's partial LSE with splits > 1, else the optional LSE output.
+KVK_INLINE void write_lse(float* lse, float* partialLse, int split, int splits, kvk_i64 outRows, kvk_i64 outRow, float value)
+{
+    if (splits > 1) partialLse[(kvk_i64)split * outRows + outRow] = value;
+    else if (lse != nullptr) lse[outRow] = value;
+}
+
+// This split's fp32 partial output row outRow (splits > 1).
+KVK_INLINE float* partial_row(float* partialOutput, int split, kvk_i64 outRows, kvk_i64 outRow)
+{
+    return partialOutput + ((kvk_i64)split * outRows + outRow) * kDv;
+}
+
 }  // namespace kvk_attn
 
 using namespace kvk_attn;
@@ -322,32 +561,21 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
     kvk_i32* const tokenPos = reinterpret_cast<kvk_i32*>(smem + kQBytes + kIdxBytes);        // [2][kTile] (RoPE)
     float* const invFreq = reinterpret_cast<float*>(smem + kQBytes + kIdxBytes + kPosBytes); // [kDk / 2] (RoPE)
     kvk_u8* const pipe = smem + kQBytes + kIdxBytes + kPosBytes + kFreqBytes;
-    kvk_u8* const kStage = pipe;                                                   // [2][kTile][kKStageStride] units
-    kvk_u8* const vStage = pipe + 2 * kKStageBytes;                                // [2][kTile][kVUnits] units
+    // K stages [2][kTile][kKStageStride] units, then V stages [2][kTile][kVUnits] units.
+    const kv_stages<kTile, kThreads, kKStageStride, kVUnits> stages{
+        rowIndex, tokenPos, pipe, pipe + 2 * kKStageBytes};
     float* const kRot = reinterpret_cast<float*>(pipe + 2 * kKStageBytes + 2 * kVStageBytes);  // [kTile][kKStride] units
 
     const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-    // blockIdx.x = ((b * Hkv + kvh) * splits + split) * rowTiles + rowTile: the row tiles of one KV chunk
-    // are neighbours, so their re-reads of it come from L2.
-    kvk_u32 flat = blockIdx.x;
-    const int rowTile = (int)(flat % (kvk_u32)rowTiles);
-    flat /= (kvk_u32)rowTiles;
-    const int split = (int)(flat % (kvk_u32)splits);
-    flat /= (kvk_u32)splits;
-    const int kvh = (int)(flat % (kvk_u32)numKvHeads);
-    const int b = (int)(flat / (kvk_u32)numKvHeads);
-    if (b >= batch) return;
-
-    const int group = numQueryHeads / numKvHeads;
-    const int packedRows = queryLength * group;
-    const int storageRow = ragged ? b * numKvHeads + kvh : b;
-    const int storageHead = poolKvHeads == 1 ? 0 : kvh;
-    const int length = kvk_max(0, kvk_min(kvk_ldg_i32(lengths + storageRow), maxTokens));
+    const decode_cta cta(splits, rowTiles, queryLength, numQueryHeads, numKvHeads, ragged);
+    if (cta.b >= batch) return;
+    const int length = cta.length(lengths, maxTokens);
+    const int split = cta.split, packedRows = cta.packedRows;
 
     const int rowGroups = kWarps / tokenStreams;
     const int ctaRows = rowGroups * kRows;
-    const int rowBase = rowTile * ctaRows;
+    const int rowBase = cta.rowTile * ctaRows;
     const int wr = warp / tokenStreams, wt = warp % tokenStreams;
 
     // ---- query rows -> shared memory, fp32, pre-multiplied by the scale (rows past the end are zeros)
@@ -356,8 +584,7 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
         const int pr = rowBase + r;
         float f[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         if (pr < packedRows) {
-            const int i = pr / group, h = kvh * group + pr % group;
-            const in_t* q = query + (((kvk_i64)b * queryLength + i) * numQueryHeads + h) * kDk + u * 8;
+            const in_t* q = query + cta.global_row(pr) * kDk + u * 8;
             unpack8(kvk_ld_nc(reinterpret_cast<const kvk_v16*>(q)), f);
             KVK_UNROLL
             for (int e = 0; e < 8; ++e) f[e] *= scale;
@@ -372,93 +599,18 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
 #endif
 
     // ---- this split's chunk of the visible token list
-    const token_list list(length, queryLength, window, sinks);
-    const kvk_i64 chunk = ((kvk_i64)ceil_div(list.count, splits) + kTile - 1) / kTile * kTile;
-    const int eBegin = (int)kvk_min<kvk_i64>(list.count, split * chunk);
-    const int eEnd = (int)kvk_min<kvk_i64>(list.count, eBegin + chunk);
-    const int numTiles = ceil_div(eEnd - eBegin, kTile);
+    const decode_chunk chunk(token_list(length, queryLength, window, sinks), split, splits, kTile);
+    const token_list& list = chunk.list;
+    const int eBegin = chunk.begin, eEnd = chunk.end, numTiles = chunk.tiles;
 
     // Per-row constants of this warp's rows (warp-uniform): the query's logical index and ALiBi slope.
     int qIndex[kRows];
     float slope[kRows];
     KVK_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-        const int pr = rowBase + wr * kRows + r;
-        qIndex[r] = -1;   // a padding row sees nothing
-        slope[r] = 0.0f;
-        if (pr < packedRows) {
-            qIndex[r] = length - queryLength + pr / group;
-            if (alibiSlopes != nullptr) slope[r] = alibiSlopes[kvh * group + pr % group];
-        }
-    }
+    for (int r = 0; r < kRows; ++r) cta.row_constants(rowBase + wr * kRows + r, length, alibiSlopes, qIndex[r], slope[r]);
 
-#if PAGED
-    const kvk_fastdiv pageDiv((kvk_u32)pageSize);
-    const kvk_i32* const table = blockTable + (kvk_i64)storageRow * maxPagesPerSeq;
-    const int slotsPerPage = pageSize;
-#else
-    const int slotsPerPage = maxTokens;
-#endif
-
-    // Storage row (in head rows of Dk or Dv elements) of list position e, or -1 past the chunk; RoPE position.
-    auto locate = [&](int e, int& pos) -> kvk_i64 {
-        pos = 0;
-        if (e >= eEnd) return -1;
-        const int n = list.token(e);
-#if ROPE_STYLE != 0
-        pos = positions != nullptr ? kvk_ldg_i32(positions + (kvk_i64)storageRow * maxTokens + n) : n;
-#endif
-#if PAGED
-        kvk_u32 pageIndex, offset;
-        pageDiv.divmod((kvk_u32)n, pageIndex, offset);
-        const kvk_i64 page = kvk_ldg_i32(table + pageIndex);
-#else
-        const kvk_i64 page = storageRow;
-        const kvk_u32 offset = (kvk_u32)n;
-#endif
-#if KV_LAYOUT_HND
-        return (page * poolKvHeads + storageHead) * slotsPerPage + offset;
-#else
-        return (page * slotsPerPage + offset) * poolKvHeads + storageHead;
-#endif
-    };
-
-    // Issues the cp.asyncs of tile `t` into stage `s` (addresses from rowIndex[s]); always commits a group.
-    auto issue = [&](int t, int s) {
-        if (t < numTiles) {
-            const kvk_i64* idx = rowIndex + s * kTile;
-            kvk_u8* kDst = kStage + s * kKStageBytes;
-            for (int c = tid; c < kTile * kRawUnits; c += kThreads) {
-                const int token = c / kRawUnits, u = c % kRawUnits;
-                const kvk_i64 row = idx[token];
-                const in_t* src = row >= 0 ? keys + row * kDk + u * 8 : keys;
-                kvk_cp_async_cg16(kDst + (token * kKStageStride + u) * 16, src, row >= 0 ? 16u : 0u);
-            }
-#if !KEY_REUSE
-            kvk_u8* vDst = vStage + s * kVStageBytes;
-            for (int c = tid; c < kTile * kVUnits; c += kThreads) {
-                const int token = c / kVUnits, u = c % kVUnits;
-                const kvk_i64 row = idx[token];
-                const in_t* src = row >= 0 ? values + row * kDv + u * 8 : values;
-                kvk_cp_async_cg16(vDst + (token * kVUnits + u) * 16, src, row >= 0 ? 16u : 0u);
-            }
-#endif
-        }
-        kvk_cp_async_commit();
-    };
-
-    // ---- prologue: addresses of tiles 0 and 1, then their loads
-    KVK_UNROLL
-    for (int s = 0; s < 2; ++s) {
-        if (tid < kTile) {
-            int pos;
-            rowIndex[s * kTile + tid] = locate(eBegin + s * kTile + tid, pos);
-            if (kRope) tokenPos[s * kTile + tid] = pos;
-        }
-    }
-    __syncthreads();
-    issue(0, 0);
-    issue(1, 1);
+    const kv_locator locate(cta, chunk, blockTable, positions, poolKvHeads, maxTokens, pageSize, maxPagesPerSeq);
+    stages.start(locate, eBegin, numTiles, keys, values, tid);
 
     // Online softmax state of this warp's rows: m (base-2 max, warp-uniform), l (this lane's share of the
     // sum), o (this lane's column chunks).
@@ -498,7 +650,7 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
 #if ROPE_STYLE != 0
         {
             // Rotate the 16-bit tile into the fp32 QK tile.
-            const kvk_u16* raw = reinterpret_cast<const kvk_u16*>(kStage + s * kKStageBytes);
+            const kvk_u16* raw = reinterpret_cast<const kvk_u16*>(stages.k_tile(s));
             const kvk_i32* pos = tokenPos + s * kTile;
             for (int c = tid; c < kTile * halfRotary; c += kThreads) {
                 kvk_u32 token, i;
@@ -522,13 +674,9 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
         }
         const kvk_u8* const qkTile = reinterpret_cast<const kvk_u8*>(kRot);
 #else
-        const kvk_u8* const qkTile = kStage + s * kKStageBytes;
+        const kvk_u8* const qkTile = stages.k_tile(s);
 #endif
-#if KEY_REUSE
-        const kvk_u8* const pvTile = kStage + s * kKStageBytes;
-#else
-        const kvk_u8* const pvTile = vStage + s * kVStageBytes;
-#endif
+        const kvk_u8* const pvTile = stages.v_tile(s);
 
         for (int sub = wt; sub < kWarps; sub += tokenStreams) {
             // ---- QK: this lane's part of token qkToken's dot product with each row
@@ -569,13 +717,10 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
             float p[kRows];
             KVK_UNROLL
             for (int r = 0; r < kRows; ++r) {
-                float score = warp_sum(acc[r], kKt, 32);
-                if (softCap > 0.0f) score = softCap * tanhf(score / softCap);
-                if (alibiSlopes != nullptr) score -= slope[r] * (float)(qIndex[r] - n);
-                const bool visible = inChunk && n <= qIndex[r] && (window == 0 || n < sinks || qIndex[r] - n < window);
-                const float t2 = visible ? score * kLog2e : neg_inf();
+                const float t2 = logit2(warp_sum(acc[r], kKt, 32), n, inChunk, qIndex[r], slope[r], alibiSlopes != nullptr,
+                                        softCap, window, sinks);
                 const float mNew = fmaxf(m[r], warp_max(t2, 1, kKt));
-                const float mUse = mNew == neg_inf() ? 0.0f : mNew;   // no (-inf) - (-inf)
+                const float mUse = max_for_ex2(mNew);
                 const float alpha = kvk_ex2(m[r] - mUse);
                 p[r] = kvk_ex2(t2 - mUse);
                 l[r] = l[r] * alpha + (qkPart == 0 ? p[r] : 0.0f);
@@ -610,12 +755,9 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
             }
         }
 
-        if (tid < kTile) {
-            rowIndex[s * kTile + tid] = nextRow;
-            if (kRope) tokenPos[s * kTile + tid] = nextPos;
-        }
+        stages.set_row(s, tid, nextRow, nextPos);
         __syncthreads();   // stage s and its addresses are free
-        issue(k + 2, s);
+        stages.issue(k + 2, s, numTiles, keys, values, tid);
     }
     kvk_cp_async_wait_all();
 
@@ -668,12 +810,8 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
                 KVK_UNROLL
                 for (int r = 0; r < kRows; ++r) {
                     const int slot = (warp + other) * kRows + r;
-                    const float m2 = ml[slot * 2], l2 = ml[slot * 2 + 1];
-                    const float mNew = fmaxf(m[r], m2);
-                    const float mUse = mNew == neg_inf() ? 0.0f : mNew;
-                    const float a1 = kvk_ex2(m[r] - mUse), a2 = kvk_ex2(m2 - mUse);
-                    l[r] = l[r] * a1 + l2 * a2;
-                    m[r] = mNew;
+                    float a1, a2;
+                    merge_state(m[r], l[r], ml[slot * 2], ml[slot * 2 + 1], a1, a2);
                     KVK_UNROLL
                     for (int j = 0; j < kVpl; ++j) {
                         const int ch = kvk_min(pvChunk + 32 * j, kVUnits - 1);
@@ -695,30 +833,24 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
     for (int r = 0; r < kRows; ++r) {
         const int pr = rowBase + wr * kRows + r;
         if (pr >= packedRows) break;
-        const int i = pr / group, h = kvh * group + pr % group;
-        const kvk_i64 outRow = ((kvk_i64)b * queryLength + i) * numQueryHeads + h;
-        const bool empty = !(l[r] > 0.0f);
-        const float inv = empty ? 0.0f : 1.0f / l[r];
-        const float lseValue = empty ? neg_inf() : (m[r] + kvk_lg2(l[r])) * kLn2;
+        const kvk_i64 outRow = cta.global_row(pr);
+        const row_result res(m[r], l[r], 1.0f);
         KVK_UNROLL
         for (int j = 0; j < kVpl; ++j) {
             const int ch = pvChunk + 32 * j;
             if (!ownsColumns || ch >= kVUnits) continue;
             float f[8];
             KVK_UNROLL
-            for (int x = 0; x < 8; ++x) f[x] = o[r][j][x] * inv;
+            for (int x = 0; x < 8; ++x) f[x] = o[r][j][x] * res.inv;
             if (splits == 1) {
                 store8(output + outRow * kDv + ch * 8, f);
             } else {
-                float4* dst = reinterpret_cast<float4*>(partialOutput + ((kvk_i64)split * outRows + outRow) * kDv + ch * 8);
+                float4* dst = reinterpret_cast<float4*>(partial_row(partialOutput, split, outRows, outRow) + ch * 8);
                 dst[0] = make_float4(f[0], f[1], f[2], f[3]);
                 dst[1] = make_float4(f[4], f[5], f[6], f[7]);
             }
         }
-        if (lane == 0) {
-            if (splits > 1) partialLse[(kvk_i64)split * outRows + outRow] = lseValue;
-            else if (lse != nullptr) lse[outRow] = lseValue;
-        }
+        if (lane == 0) write_lse(lse, partialLse, split, splits, outRows, outRow, res.lse);
     }
 }
 
@@ -852,36 +984,26 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
 #if !KVK_DECODE_MMA
     __trap();   // the host never launches it for this specialization
 #else
-    (void)positions; (void)rotaryDim; (void)ropeTheta;
+    (void)rotaryDim; (void)ropeTheta;
     if (sharedBytes != mSharedBytes) __trap();
     KVK_DYNAMIC_SHARED(kvk_u8, smem);
     kvk_u8* const qTile = smem;                                                     // [64][mQStride] units
     kvk_i64* const rowIndex = reinterpret_cast<kvk_i64*>(smem + mQBytes);           // [2][mTile]
     kvk_u8* const pipe = smem + mQBytes + mIdxBytes;
-    kvk_u8* const kStage = pipe;                                                    // [2][mTile][mKStride] units
-    kvk_u8* const vStage = pipe + 2 * mKStageBytes;                                 // [2][mTile][mVStride] units
+    // K stages [2][mTile][mKStride] units, then V stages [2][mTile][mVStride] units.
+    const kv_stages<mTile, mThreads, mKStride, mVStride> stages{rowIndex, nullptr, pipe, pipe + 2 * mKStageBytes};
 
     const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t4 = lane & 3;
 
-    kvk_u32 flat = blockIdx.x;
-    const int rowTile = (int)(flat % (kvk_u32)rowTiles);
-    flat /= (kvk_u32)rowTiles;
-    const int split = (int)(flat % (kvk_u32)splits);
-    flat /= (kvk_u32)splits;
-    const int kvh = (int)(flat % (kvk_u32)numKvHeads);
-    const int b = (int)(flat / (kvk_u32)numKvHeads);
-    if (b >= batch) return;
-
-    const int group = numQueryHeads / numKvHeads;
-    const int packedRows = queryLength * group;
-    const int storageRow = ragged ? b * numKvHeads + kvh : b;
-    const int storageHead = poolKvHeads == 1 ? 0 : kvh;
-    const int length = kvk_max(0, kvk_min(kvk_ldg_i32(lengths + storageRow), maxTokens));
+    const decode_cta cta(splits, rowTiles, queryLength, numQueryHeads, numKvHeads, ragged);
+    if (cta.b >= batch) return;
+    const int length = cta.length(lengths, maxTokens);
+    const int split = cta.split, packedRows = cta.packedRows;
 
     const int rowGroups = mWarps / tokenStreams;
     const int ctaRows = rowGroups * 16;
-    const int rowBase = rowTile * ctaRows;
+    const int rowBase = cta.rowTile * ctaRows;
     const int wr = warp / tokenStreams, wt = warp % tokenStreams;
 
     // ---- query rows -> shared memory in the input type (rows past the end are zeros)
@@ -889,90 +1011,22 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
         const int r = c / (kDk / 8), u = c % (kDk / 8);
         const int pr = rowBase + r;
         kvk_v16 v = {0u, 0u, 0u, 0u};
-        if (pr < packedRows) {
-            const int i = pr / group, h = kvh * group + pr % group;
-            v = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(query + (((kvk_i64)b * queryLength + i) * numQueryHeads + h) * kDk + u * 8));
-        }
+        if (pr < packedRows) v = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(query + cta.global_row(pr) * kDk + u * 8));
         *reinterpret_cast<kvk_v16*>(qTile + (r * mQStride + u) * 16) = v;
     }
 
-    const token_list list(length, queryLength, window, sinks);
-    const kvk_i64 chunk = ((kvk_i64)ceil_div(list.count, splits) + mTile - 1) / mTile * mTile;
-    const int eBegin = (int)kvk_min<kvk_i64>(list.count, split * chunk);
-    const int eEnd = (int)kvk_min<kvk_i64>(list.count, eBegin + chunk);
-    const int numTiles = ceil_div(eEnd - eBegin, mTile);
+    const decode_chunk chunk(token_list(length, queryLength, window, sinks), split, splits, mTile);
+    const token_list& list = chunk.list;
+    const int eBegin = chunk.begin, eEnd = chunk.end, numTiles = chunk.tiles;
 
     // This lane's two rows: g and g + 8 of the warp tile.
     int qIndex[2];
     float slope[2];
     KVK_UNROLL
-    for (int rr = 0; rr < 2; ++rr) {
-        const int pr = rowBase + wr * 16 + g + 8 * rr;
-        qIndex[rr] = -1;   // a padding row sees nothing
-        slope[rr] = 0.0f;
-        if (pr < packedRows) {
-            qIndex[rr] = length - queryLength + pr / group;
-            if (alibiSlopes != nullptr) slope[rr] = alibiSlopes[kvh * group + pr % group];
-        }
-    }
+    for (int rr = 0; rr < 2; ++rr) cta.row_constants(rowBase + wr * 16 + g + 8 * rr, length, alibiSlopes, qIndex[rr], slope[rr]);
 
-#if PAGED
-    const kvk_fastdiv pageDiv((kvk_u32)pageSize);
-    const kvk_i32* const table = blockTable + (kvk_i64)storageRow * maxPagesPerSeq;
-    const int slotsPerPage = pageSize;
-#else
-    const int slotsPerPage = maxTokens;
-#endif
-
-    // Storage row (in head rows) of list position e, or -1 past the chunk (as in attention_decode).
-    auto locate = [&](int e) -> kvk_i64 {
-        if (e >= eEnd) return -1;
-        const int n = list.token(e);
-#if PAGED
-        kvk_u32 pageIndex, offset;
-        pageDiv.divmod((kvk_u32)n, pageIndex, offset);
-        const kvk_i64 page = kvk_ldg_i32(table + pageIndex);
-#else
-        const kvk_i64 page = storageRow;
-        const kvk_u32 offset = (kvk_u32)n;
-#endif
-#if KV_LAYOUT_HND
-        return (page * poolKvHeads + storageHead) * slotsPerPage + offset;
-#else
-        return (page * slotsPerPage + offset) * poolKvHeads + storageHead;
-#endif
-    };
-
-    // Issues the cp.asyncs of tile `t` into stage `s`; always commits a group. Past the chunk: zeros.
-    auto issue = [&](int t, int s) {
-        if (t < numTiles) {
-            const kvk_i64* idx = rowIndex + s * mTile;
-            kvk_u8* kDst = kStage + s * mKStageBytes;
-            for (int c = tid; c < mTile * (kDk / 8); c += mThreads) {
-                const int token = c / (kDk / 8), u = c % (kDk / 8);
-                const kvk_i64 row = idx[token];
-                const in_t* src = row >= 0 ? keys + row * kDk + u * 8 : keys;
-                kvk_cp_async_cg16(kDst + (token * mKStride + u) * 16, src, row >= 0 ? 16u : 0u);
-            }
-#if !KEY_REUSE
-            kvk_u8* vDst = vStage + s * mVStageBytes;
-            for (int c = tid; c < mTile * (kDv / 8); c += mThreads) {
-                const int token = c / (kDv / 8), u = c % (kDv / 8);
-                const kvk_i64 row = idx[token];
-                const in_t* src = row >= 0 ? values + row * kDv + u * 8 : values;
-                kvk_cp_async_cg16(vDst + (token * mVStride + u) * 16, src, row >= 0 ? 16u : 0u);
-            }
-#endif
-        }
-        kvk_cp_async_commit();
-    };
-
-    KVK_UNROLL
-    for (int s = 0; s < 2; ++s)
-        if (tid < mTile) rowIndex[s * mTile + tid] = locate(eBegin + s * mTile + tid);
-    __syncthreads();
-    issue(0, 0);
-    issue(1, 1);
+    const kv_locator locate(cta, chunk, blockTable, positions, poolKvHeads, maxTokens, pageSize, maxPagesPerSeq);
+    stages.start(locate, eBegin, numTiles, keys, values, tid);
 
     // Online softmax state of rows g, g + 8: m (base 2, the same in the 4 lanes of a quad), l (this lane's
     // tokens only), o (C fragments of the 16 x Dv output: o[j] = columns 8j + 2 * t4, +1).
@@ -991,17 +1045,14 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
     for (int k = 0; k < numTiles; ++k) {
         const int s = k & 1;
         kvk_i64 nextRow = -1;
-        if (tid < mTile) nextRow = locate(eBegin + (k + 2) * mTile + tid);
+        int nextPos = 0;
+        if (tid < mTile) nextRow = locate(eBegin + (k + 2) * mTile + tid, nextPos);
 
         kvk_cp_async_wait_group<1>();
         __syncthreads();
 
-        const kvk_u8* const kTileP = kStage + s * mKStageBytes;
-#if KEY_REUSE
-        const kvk_u8* const vTileP = kTileP;
-#else
-        const kvk_u8* const vTileP = vStage + s * mVStageBytes;
-#endif
+        const kvk_u8* const kTileP = stages.k_tile(s);
+        const kvk_u8* const vTileP = stages.v_tile(s);
 
         for (int sub = wt; sub < mSub; sub += tokenStreams) {
             // ---- QK: S[row][token] for 16 rows x 16 tokens (two n8 tiles)
@@ -1026,18 +1077,14 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
                     const int rr = i >> 1;
                     const int e = eBegin + k * mTile + sub * 16 + 8 * j + 2 * t4 + (i & 1);
                     const int n = list.token(e);
-                    float score = sc[j][i] * scale;
-                    if (softCap > 0.0f) score = softCap * tanhf(score / softCap);
-                    if (alibiSlopes != nullptr) score -= slope[rr] * (float)(qIndex[rr] - n);
-                    const bool visible = e < eEnd && n <= qIndex[rr] && (window == 0 || n < sinks || qIndex[rr] - n < window);
-                    sc[j][i] = visible ? score * kLog2e : neg_inf();
+                    sc[j][i] = logit2(sc[j][i] * scale, n, e < eEnd, qIndex[rr], slope[rr], alibiSlopes != nullptr, softCap, window, sinks);
                     tileMax[rr] = fmaxf(tileMax[rr], sc[j][i]);
                 }
             float alpha[2], mUse[2];
             KVK_UNROLL
             for (int rr = 0; rr < 2; ++rr) {
                 const float mNew = fmaxf(m[rr], warp_max(tileMax[rr], 1, 4));
-                mUse[rr] = mNew == neg_inf() ? 0.0f : mNew;   // no (-inf) - (-inf)
+                mUse[rr] = max_for_ex2(mNew);
                 alpha[rr] = kvk_ex2(m[rr] - mUse[rr]);
                 m[rr] = mNew;
                 l[rr] *= alpha[rr];
@@ -1092,9 +1139,9 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
             }
         }
 
-        if (tid < mTile) rowIndex[s * mTile + tid] = nextRow;
+        stages.set_row(s, tid, nextRow, nextPos);
         __syncthreads();   // stage s and its addresses are free
-        issue(k + 2, s);
+        stages.issue(k + 2, s, numTiles, keys, values, tid);
     }
     kvk_cp_async_wait_all();
 
@@ -1127,15 +1174,8 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
                 const int slot = wr * step + wt;
                 float a1[2], a2[2];
                 KVK_UNROLL
-                for (int rr = 0; rr < 2; ++rr) {
-                    const float m2 = ml[(slot * 16 + g + 8 * rr) * 2], l2 = ml[(slot * 16 + g + 8 * rr) * 2 + 1];
-                    const float mNew = fmaxf(m[rr], m2);
-                    const float mU = mNew == neg_inf() ? 0.0f : mNew;
-                    a1[rr] = kvk_ex2(m[rr] - mU);
-                    a2[rr] = kvk_ex2(m2 - mU);
-                    l[rr] = l[rr] * a1[rr] + l2 * a2[rr];
-                    m[rr] = mNew;
-                }
+                for (int rr = 0; rr < 2; ++rr)
+                    merge_state(m[rr], l[rr], ml[(slot * 16 + g + 8 * rr) * 2], ml[(slot * 16 + g + 8 * rr) * 2 + 1], a1[rr], a2[rr]);
                 KVK_UNROLL
                 for (int j = 0; j < kDv / 8; ++j)
                     KVK_UNROLL
@@ -1156,24 +1196,18 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
     for (int rr = 0; rr < 2; ++rr) {
         const int pr = rowBase + wr * 16 + g + 8 * rr;
         if (pr >= packedRows) continue;
-        const int i = pr / group, h = kvh * group + pr % group;
-        const kvk_i64 outRow = ((kvk_i64)b * queryLength + i) * numQueryHeads + h;
-        const bool empty = !(l[rr] > 0.0f);
-        const float inv = empty ? 0.0f : 1.0f / (l[rr] * kPScale);
-        const float lseValue = empty ? neg_inf() : (m[rr] + kvk_lg2(l[rr])) * kLn2;
+        const kvk_i64 outRow = cta.global_row(pr);
+        const row_result res(m[rr], l[rr], kPScale);
         KVK_UNROLL
         for (int j = 0; j < kDv / 8; ++j) {
             const int col = 8 * j + 2 * t4;
-            const float x0 = o[j][2 * rr] * inv, x1 = o[j][2 * rr + 1] * inv;
+            const float x0 = o[j][2 * rr] * res.inv, x1 = o[j][2 * rr + 1] * res.inv;
             if (splits == 1)
                 store2(output + outRow * kDv + col, x0, x1);
             else
-                *reinterpret_cast<float2*>(partialOutput + ((kvk_i64)split * outRows + outRow) * kDv + col) = make_float2(x0, x1);
+                *reinterpret_cast<float2*>(partial_row(partialOutput, split, outRows, outRow) + col) = make_float2(x0, x1);
         }
-        if (t4 == 0) {
-            if (splits > 1) partialLse[(kvk_i64)split * outRows + outRow] = lseValue;
-            else if (lse != nullptr) lse[outRow] = lseValue;
-        }
+        if (t4 == 0) write_lse(lse, partialLse, split, splits, outRows, outRow, res.lse);
     }
 #endif
 }
