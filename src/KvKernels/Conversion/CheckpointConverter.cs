@@ -156,22 +156,9 @@ public static class CheckpointConverter
         config?.Set("num_key_value_heads", groups);
         bool weighted = options.KeyHeadWeights is not null || options.ValueHeadWeights is not null;
         string description = $"gqa {(weighted ? "weighted" : "mean")} pooling, KV heads {geo.KvHeads} → {groups}";
-        var (bytes, elapsed) = CheckpointRewriter.Run(checkpoint, output, options.Overwrite, rewrites, config, description, progress, cancellation);
-        var after = geo with { KvHeads = groups };
-        return new ConversionReport
-        {
-            Description = description,
-            Input = checkpoint.Path,
-            Output = Path.GetFullPath(output),
-            Layers = geo.Layers,
-            CacheBytesPerTokenBefore = geo.CacheBytesPerToken(elementBytes),
-            CacheBytesPerTokenAfter = after.CacheBytesPerToken(elementBytes),
-            CacheDescription = $"K and V: {geo.Layers} layers × {geo.KvHeads} → {groups} heads × ({d} + {dv}) × {elementBytes} B",
-            BytesRead = checkpoint.TotalFileBytes,
-            BytesWritten = bytes,
-            Elapsed = elapsed,
-            Config = config,
-        };
+        return Rewrite(checkpoint, output, options.Overwrite, rewrites, config, description, progress, cancellation, geo,
+            geo with { KvHeads = groups }, elementBytes,
+            $"K and V: {geo.Layers} layers × {geo.KvHeads} → {groups} heads × ({d} + {dv}) × {elementBytes} B");
 
         static float[] Pool(float[] weight, int heads, int rows, int groups, float[] headWeights)
         {
@@ -276,23 +263,9 @@ public static class CheckpointConverter
         if (r != d) config?.Set("head_dim", r);
         string ropeText = geo.Rope == RopeStyle.None ? "no RoPE (real principal directions)" : $"RoPE {geo.Rope} (complex per-plane directions)";
         string description = $"svd compression, KV heads {geo.KvHeads} → {groups}, key rank {r}, value rank {rv}, {ropeText}";
-        var (bytes, elapsed) = CheckpointRewriter.Run(checkpoint, output, options.Overwrite, rewrites, config, description, progress, cancellation);
-        var after = geo with { KvHeads = groups, HeadDim = r, ValueHeadDim = rv == r ? 0 : rv };
-        return new ConversionReport
-        {
-            Description = description,
-            Input = checkpoint.Path,
-            Output = Path.GetFullPath(output),
-            Layers = geo.Layers,
-            CacheBytesPerTokenBefore = geo.CacheBytesPerToken(elementBytes),
-            CacheBytesPerTokenAfter = after.CacheBytesPerToken(elementBytes),
-            CacheDescription = $"K and V: {geo.Layers} layers × {geo.KvHeads} → {groups} heads × ({d} + {dv} → {r} + {rv}) × {elementBytes} B",
-            Energy = energy,
-            BytesRead = checkpoint.TotalFileBytes,
-            BytesWritten = bytes,
-            Elapsed = elapsed,
-            Config = config,
-        };
+        return Rewrite(checkpoint, output, options.Overwrite, rewrites, config, description, progress, cancellation, geo,
+            geo with { KvHeads = groups, HeadDim = r, ValueHeadDim = rv == r ? 0 : rv }, elementBytes,
+            $"K and V: {geo.Layers} layers × {geo.KvHeads} → {groups} heads × ({d} + {dv} → {r} + {rv}) × {elementBytes} B") with { Energy = energy };
     }
 
     /// <summary>
@@ -379,6 +352,29 @@ public static class CheckpointConverter
         for (int i = 0; i < weights.Count; i++)
             if (weights[i] is { } w && w.Length != geo.KvHeads && w.Length != geo.KvHeads * rowsPerHead)
                 throw new ArgumentException($"{name}[{i}] has {w.Length} weights; expected {geo.KvHeads} (per head) or {geo.KvHeads * rowsPerHead} (per head and channel).", name);
+    }
+
+    /// <summary>Writes the rewritten checkpoint and reports the KV-cache change from <paramref name="before"/> to
+    /// <paramref name="after"/> (the GQA and SVD conversions share it).</summary>
+    private static ConversionReport Rewrite(Checkpoint checkpoint, string output, bool overwrite, IReadOnlyList<LayerRewrite> rewrites,
+        ModelConfig? config, string description, IProgress<ConversionProgress>? progress, CancellationToken cancellation,
+        AttentionGeometry before, AttentionGeometry after, int elementBytes, string cacheDescription)
+    {
+        var (bytes, elapsed) = CheckpointRewriter.Run(checkpoint, output, overwrite, rewrites, config, description, progress, cancellation);
+        return new ConversionReport
+        {
+            Description = description,
+            Input = checkpoint.Path,
+            Output = Path.GetFullPath(output),
+            Layers = before.Layers,
+            CacheBytesPerTokenBefore = before.CacheBytesPerToken(elementBytes),
+            CacheBytesPerTokenAfter = after.CacheBytesPerToken(elementBytes),
+            CacheDescription = cacheDescription,
+            BytesRead = checkpoint.TotalFileBytes,
+            BytesWritten = bytes,
+            Elapsed = elapsed,
+            Config = config,
+        };
     }
 
     private static void CheckShape(Checkpoint checkpoint, string name, params long[] shape) => checkpoint.GetFloat(name, shape);
