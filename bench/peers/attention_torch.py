@@ -53,7 +53,7 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peerlib.timing import GOAL_BYTES, MIB, GpuTimer, buffer_sets  # noqa: E402 - after the path setup
+from peerlib.timing import GOAL_BYTES, MIB, GpuTimer, buffer_sets, load_torch  # noqa: E402 - after the path setup
 
 GIB = 1 << 30
 GOAL_PERCENT = 90.0
@@ -413,13 +413,8 @@ def main():
             print(f"attention_torch: unknown backend(s) {', '.join(unknown)}; known: {', '.join(BACKENDS)}", file=sys.stderr)
             return 2
 
-    try:
-        import torch
-    except ImportError as e:
-        print(f"attention_torch: PyTorch is not installed ({e})", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("attention_torch: torch.cuda.is_available() is False; nothing to time", file=sys.stderr)
+    torch = load_torch("attention_torch")
+    if torch is None:
         return 2
 
     peer = Peer(torch, args.quick)

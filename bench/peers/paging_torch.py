@@ -42,7 +42,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peerlib.timing import GOAL_BYTES, MIB, GpuTimer, buffer_sets  # noqa: E402 - after the path setup
+from peerlib.timing import GOAL_BYTES, MIB, GpuTimer, buffer_sets, load_torch  # noqa: E402 - after the path setup
 
 GOAL_PERCENT = 90.0
 HEADS, HEAD_DIM, PAGE = 8, 128, 16
@@ -179,13 +179,8 @@ def main():
             print(f"cuda\t{op}\t{shape}\t{moved}")
         return 0
 
-    try:
-        import torch
-    except ImportError as e:
-        print(f"paging_torch: PyTorch is not installed ({e})", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
-        print("paging_torch: torch.cuda.is_available() is False; nothing to time", file=sys.stderr)
+    torch = load_torch("paging_torch")
+    if torch is None:
         return 2
 
     peer = Peer(torch, args.quick)

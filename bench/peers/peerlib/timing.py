@@ -24,10 +24,24 @@ length comes from the copy bandwidth).
 
 import math
 import statistics
+import sys
 import time
 
 MIB = 1 << 20
 GOAL_BYTES = 256 * MIB
+
+
+def load_torch(script):
+    """The torch module when PyTorch and a CUDA device are present; else prints why (as `script`) and returns None."""
+    try:
+        import torch
+    except ImportError as e:
+        print(f"{script}: PyTorch is not installed ({e})", file=sys.stderr)
+        return None
+    if not torch.cuda.is_available():
+        print(f"{script}: torch.cuda.is_available() is False; nothing to time", file=sys.stderr)
+        return None
+    return torch
 
 
 def buffer_sets(moved, l2):
