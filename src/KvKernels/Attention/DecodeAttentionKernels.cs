@@ -164,6 +164,13 @@ public sealed class DecodeAttentionKernels
     {
         spec.Validate();
         ArgumentOutOfRangeException.ThrowIfNegative(longestRow);
+        return Plan(spec, longestRow);
+    }
+
+    /// <summary><see cref="PlanSplits(in DecodeAttentionSpec, int)"/> for a spec and length already validated (the
+    /// launch path, which validates once).</summary>
+    private int Plan(in DecodeAttentionSpec spec, int longestRow)
+    {
         if (spec.Splits > 0) return spec.Splits;
         if (spec.BatchSize == 0 || longestRow == 0) return 1;
         bool mma = Chooses(spec);
@@ -290,7 +297,7 @@ public sealed class DecodeAttentionKernels
         int packedRows = spec.QueryLength * spec.GroupSize;
         var (streams, rowTiles) = mma ? module.MmaLayout.RowPlan(packedRows) : module.Layout.RowPlan(packedRows);
         int sharedBytes = mma ? module.MmaLayout.SharedBytes : module.Layout.SharedBytes;
-        int splits = PlanSplits(spec, longestRow, workspace);
+        int splits = workspace is null ? 1 : Math.Min(Plan(spec, longestRow), workspace.MaxSplits);
         long grid = (long)spec.BatchSize * spec.NumKvHeads * splits * rowTiles;
         if (grid > int.MaxValue) throw new ArgumentException($"The call needs {grid} CTAs; at most 2^31 − 1 are supported.", nameof(spec));
 
