@@ -17,7 +17,8 @@
 // Compile-time macros (defaults below): HEAD_DIM (Dk) and VALUE_DIM (Dv), multiples of 8 in 8..576;
 // INPUT_BF16 (0 fp16 / 1 bf16 query, keys, values); OUT_TYPE (0 fp16, 1 bf16, 2 fp32 output; also the
 // element type of attention_merge_states); PAGED (0 contiguous, 1 paged); KV_LAYOUT_HND (0 NHD, 1 HND);
-// ROPE_STYLE (0 none, 1 rotate-half, 2 interleaved); KEY_REUSE (0/1; needs VALUE_DIM == HEAD_DIM).
+// ROPE_STYLE (0 none, 1 rotate-half, 2 interleaved); KEY_REUSE (0/1: V is the first VALUE_DIM columns of K;
+// needs VALUE_DIM <= HEAD_DIM).
 // Everything that does not shape the loops is a run-time argument: window, sinks, scale, soft-cap, ALiBi
 // (slopes pointer non-null), explicit RoPE positions (positions pointer non-null), rotary dim and theta.
 //
@@ -90,7 +91,7 @@ static_assert(PAGED == 0 || PAGED == 1, "PAGED must be 0 or 1");
 static_assert(KV_LAYOUT_HND == 0 || KV_LAYOUT_HND == 1, "KV_LAYOUT_HND must be 0 or 1");
 static_assert(ROPE_STYLE >= 0 && ROPE_STYLE <= 2, "ROPE_STYLE must be 0, 1 or 2");
 static_assert(KEY_REUSE == 0 || KEY_REUSE == 1, "KEY_REUSE must be 0 or 1");
-static_assert(KEY_REUSE == 0 || VALUE_DIM == HEAD_DIM, "KEY_REUSE reads the keys as values: VALUE_DIM must be HEAD_DIM");
+static_assert(KEY_REUSE == 0 || VALUE_DIM <= HEAD_DIM, "KEY_REUSE reads the first VALUE_DIM columns of the keys as values");
 
 namespace kvk_attn {
 
@@ -127,7 +128,7 @@ enum : int {
     kWarps = 4,
     kThreads = kWarps * 32,
     kDk = HEAD_DIM,
-    kDv = KEY_REUSE ? HEAD_DIM : VALUE_DIM,
+    kDv = VALUE_DIM,
     kRope = ROPE_STYLE != 0 ? 1 : 0,
     // Tokens per warp sub-tile: about 4 KB of K+V per warp sub-tile, 16 KB per stage.
     kTokenBytes = 2 * (kDk + (KEY_REUSE ? 0 : kDv)),
@@ -875,7 +876,7 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
 //   subnormal range; the accumulators carry the factor and the final 1 / l removes it.
 // ================================================================================================
 #define KVK_DECODE_MMA (ROPE_STYLE == 0 && HEAD_DIM % 16 == 0 && HEAD_DIM <= 256 && \
-                        (KEY_REUSE || (VALUE_DIM % 16 == 0 && VALUE_DIM <= 256)))
+                        VALUE_DIM % 16 == 0 && VALUE_DIM <= 256)
 #if KVK_DECODE_MMA
 #include "common/kvk_mma.cuh"
 #endif

@@ -177,7 +177,7 @@ public sealed class DecodeAttentionKernels
         int sharedBytes, rowTiles;
         if (mma)
         {
-            var layout = new DecodeMmaLayout(spec.HeadDim, spec.KeyReuse ? spec.HeadDim : spec.ValueDim, spec.KeyReuse);
+            var layout = new DecodeMmaLayout(spec.HeadDim, spec.ValueDim, spec.KeyReuse);
             (_, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
             sharedBytes = layout.SharedBytes;
         }
@@ -223,7 +223,7 @@ public sealed class DecodeAttentionKernels
     /// <summary>The tensor-core kernel computes this call (its specialization is not a stub).</summary>
     internal static bool TensorCoresSupport(in DecodeAttentionSpec spec)
     {
-        int dv = spec.KeyReuse ? spec.HeadDim : spec.ValueDim;
+        int dv = spec.ValueDim;
         return !spec.Rope.Enabled && spec.HeadDim % 16 == 0 && spec.HeadDim <= 256 && dv % 16 == 0 && dv <= 256;
     }
 
@@ -369,7 +369,7 @@ public sealed class DecodeAttentionKernels
     }
 
     private static DecodeKey KeyOf(in DecodeAttentionSpec spec) =>
-        new(spec.HeadDim, spec.KeyReuse ? spec.HeadDim : spec.ValueDim, spec.InputType, spec.OutputType, spec.Cache.IsPaged, spec.Cache.Layout,
+        new(spec.HeadDim, spec.ValueDim, spec.InputType, spec.OutputType, spec.Cache.IsPaged, spec.Cache.Layout,
             spec.Rope.Style, spec.KeyReuse);
 
     /// <summary>MergeStates of <paramref name="type"/> runs from a shipped decode specialization of that output type.</summary>
@@ -427,7 +427,7 @@ internal readonly record struct DecodeMmaLayout
 
     public DecodeMmaLayout(int headDim, int valueDim, bool keyReuse)
     {
-        int dk = headDim, dv = keyReuse ? headDim : valueDim;
+        int dk = headDim, dv = valueDim;
         int tokenBytes = 2 * (dk + (keyReuse ? 0 : dv));
         int per = 16384 / (16 * tokenBytes);
         SubTiles = Math.Clamp(per < 1 ? 1 : 1 << BitOperations.Log2((uint)per), 1, 4);   // pow2 floor
@@ -471,7 +471,7 @@ internal readonly record struct DecodeLayout
 
     public DecodeLayout(int headDim, int valueDim, bool rope, bool keyReuse)
     {
-        int dk = headDim, dv = keyReuse ? headDim : valueDim;
+        int dk = headDim, dv = valueDim;
         int tokenBytes = 2 * (dk + (keyReuse ? 0 : dv));
         int perWarp = 4096 / tokenBytes;
         int kt = Math.Clamp(perWarp < 1 ? 1 : 1 << BitOperations.Log2((uint)perWarp), 2, 32);   // pow2 floor

@@ -124,7 +124,8 @@ public readonly record struct DecodeAttentionSpec(int BatchSize, int QueryLength
     /// <summary>Largest head dim (keys or values).</summary>
     public const int MaxHeadDim = 576;
 
-    /// <summary>Dv of the values: 0 means <see cref="HeadDim"/>. Ignored (must be 0) with <see cref="KeyReuse"/>.</summary>
+    /// <summary>Dv of the values: 0 means <see cref="HeadDim"/>. With <see cref="KeyReuse"/> at most HeadDim: the values
+    /// are then the first Dv columns of each key row (MLA: the 512 latent columns of a 576-wide row).</summary>
     public int ValueHeadDim { get; init; }
 
     /// <summary>Type of query, keys and values: fp16 or bf16.</summary>
@@ -152,8 +153,9 @@ public readonly record struct DecodeAttentionSpec(int BatchSize, int QueryLength
     /// FastGen, DMC.</summary>
     public bool Ragged { get; init; }
 
-    /// <summary>MFA-KR key reuse: no values are read, K serves as V (over un-rotated keys when RoPE is on the fly),
-    /// so the output has <see cref="HeadDim"/> columns; the engine applies its value map after.</summary>
+    /// <summary>Key reuse: no values are read, the first <see cref="ValueDim"/> columns of each key row serve as its
+    /// value (of the un-rotated key when RoPE is on the fly). MFA-KR (V := K, the engine applies its value map after)
+    /// and MLA (one latent row is both K and, in its first 512 columns, V).</summary>
     public bool KeyReuse { get; init; }
 
     /// <summary>On-the-fly RoPE of the keys.</summary>
@@ -166,8 +168,8 @@ public readonly record struct DecodeAttentionSpec(int BatchSize, int QueryLength
     /// <summary>Dv of the values as read (HeadDim when 0).</summary>
     public int ValueDim => ValueHeadDim == 0 ? HeadDim : ValueHeadDim;
 
-    /// <summary>Columns of the output: <see cref="HeadDim"/> with key reuse, else <see cref="ValueDim"/>.</summary>
-    public int OutputDim => KeyReuse ? HeadDim : ValueDim;
+    /// <summary>Columns of the output: <see cref="ValueDim"/>.</summary>
+    public int OutputDim => ValueDim;
 
     /// <summary>Hq / Hkv.</summary>
     public int GroupSize => NumQueryHeads / NumKvHeads;
@@ -241,8 +243,9 @@ public readonly record struct DecodeAttentionSpec(int BatchSize, int QueryLength
         if (NumQueryHeads < NumKvHeads || NumQueryHeads % NumKvHeads != 0 || NumQueryHeads / NumKvHeads > MaxGroupSize)
             throw new ArgumentException($"NumQueryHeads is {NumQueryHeads} with NumKvHeads {NumKvHeads}; expected a multiple of NumKvHeads with ratio 1..{MaxGroupSize}.", p);
         CheckDim(HeadDim, "HeadDim");
-        if (KeyReuse && ValueHeadDim != 0) throw new ArgumentException($"ValueHeadDim is {ValueHeadDim} with KeyReuse; expected 0 (keys serve as values).", p);
         if (ValueHeadDim != 0) CheckDim(ValueHeadDim, "ValueHeadDim");
+        if (KeyReuse && ValueHeadDim > HeadDim)
+            throw new ArgumentException($"ValueHeadDim is {ValueHeadDim} with KeyReuse; expected 0 or at most HeadDim = {HeadDim} (values are the first columns of the keys).", p);
         if (InputType is not (AttentionElement.Float16 or AttentionElement.BFloat16))
             throw new ArgumentException($"InputType is {InputType}; expected Float16 or BFloat16.", p);
         if (!Enum.IsDefined(OutputType)) throw new ArgumentException($"OutputType is {OutputType}; expected Float16, BFloat16 or Float32.", p);

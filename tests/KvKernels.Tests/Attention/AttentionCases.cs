@@ -138,12 +138,12 @@ public static class AttentionCases
         return cases;
     }
 
-    /// <summary>Key reuse reads keys as values, so it cannot have Dv ≠ Dk.</summary>
+    /// <summary>Key reuse reads the first Dv columns of the keys as values, so it cannot have Dv &gt; Dk.</summary>
     private static bool Compatible(int factorA, int valueA, int factorB, int valueB)
     {
         if (factorA > factorB) (factorA, valueA, factorB, valueB) = (factorB, valueB, factorA, valueA);
         if (factorA == (int)Factor.KeyReuse && factorB == (int)Factor.HeadDims)
-            return valueA == 0 || HeadDims[valueB].Dk == HeadDims[valueB].Dv;
+            return valueA == 0 || HeadDims[valueB].Dv <= HeadDims[valueB].Dk;
         return true;
     }
 
@@ -263,7 +263,7 @@ public static class AttentionCases
 
         var spec = new DecodeAttentionSpec(batch, queryLength, group * kvHeads, kvHeads, dk, cache)
         {
-            ValueHeadDim = keyReuse || dv == dk ? 0 : dv,
+            ValueHeadDim = dv == dk ? 0 : dv,
             InputType = input,
             OutputType = output,
             // With the soft-cap, larger logits so that tanh bends them.

@@ -60,7 +60,7 @@ public static class AttentionOracle
                     for (int n = 0; n < length; n++)
                         if (!double.IsNegativeInfinity(logits[n])) sum += Math.Exp(logits[n] - max);
                     for (int d = 0; d < dOut; d++) output[oBase + d] = 0;
-                    var value = new double[dOut];
+                    var value = new double[spec.KeyReuse ? dk : dOut];   // key reuse: the first dOut columns of the key
                     for (int n = 0; n < length; n++)
                     {
                         if (double.IsNegativeInfinity(logits[n])) continue;
