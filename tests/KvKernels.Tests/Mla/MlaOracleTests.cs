@@ -28,7 +28,7 @@ public sealed class MlaOracleTests
         var data = MlaData<BFloat16>.Create(spec, new Random(heads * 7 + latent), [37, queryLength == 1 ? 1 : 2]);
         var absorbed = data.ExpectedAbsorbed();
         var naive = data.ExpectedNaive();
-        Assert.True(naive.Output.Any(x => x != 0));
+        Assert.Contains(naive.Output, x => x != 0);
         Assert.Equal(naive.Output.Length, absorbed.Output.Length);
         for (int i = 0; i < naive.Output.Length; i++) Assert.Equal(naive.Output[i], absorbed.Output[i], 1e-10);
         for (int i = 0; i < naive.Lse.Length; i++) Assert.Equal(naive.Lse[i], absorbed.Lse[i], 1e-10);
