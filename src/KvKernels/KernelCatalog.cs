@@ -1,5 +1,6 @@
 using KvKernels.Attention;
 using KvKernels.Compilation;
+using KvKernels.Mla;
 using KvKernels.Paging;
 
 namespace KvKernels;
@@ -27,5 +28,6 @@ public static class KernelCatalog
     [
         .. PagedKvKernels.Specializations.Select(s => new CatalogEntry("paging", s, PagedKvKernels.EntryPoints)),
         .. DecodeAttentionKernels.Specializations.Select(s => new CatalogEntry("attention", s, DecodeAttentionKernels.EntryPoints)),
+        .. MlaAbsorbKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaAbsorbKernels.EntryPoints)),
     ];
 }

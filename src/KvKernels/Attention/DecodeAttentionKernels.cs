@@ -103,6 +103,16 @@ public sealed class DecodeAttentionKernels
         DeviceSpan<int> positions = default, DeviceSpan<float> alibiSlopes = default, CudaStream? stream = null)
         where TIn : unmanaged where TOut : unmanaged
     {
+        Validate(spec, query, keys, values, table, output, lse, workspace, positions, alibiSlopes);
+        Launch(spec, query, keys, values, table.Lengths, table.Table, table.LongestSequence, output, lse, workspace, positions, alibiSlopes, stream);
+    }
+
+    /// <summary>Every check the paged <c>Run</c> makes, without launching (for composite ops that must validate all their
+    /// steps before the first launch).</summary>
+    internal void Validate<TIn, TOut>(in DecodeAttentionSpec spec, DeviceSpan<TIn> query, DeviceSpan<TIn> keys, DeviceSpan<TIn> values,
+        DeviceBlockTable table, DeviceSpan<TOut> output, DeviceSpan<float> lse, DecodeAttentionWorkspace? workspace,
+        DeviceSpan<int> positions, DeviceSpan<float> alibiSlopes) where TIn : unmanaged where TOut : unmanaged
+    {
         ArgumentNullException.ThrowIfNull(table);
         if (!spec.Cache.IsPaged)
             throw new ArgumentException("spec.Cache is contiguous storage; pass the lengths as DeviceSequenceLengths (the other Run overload).", nameof(spec));
@@ -115,7 +125,7 @@ public sealed class DecodeAttentionKernels
             throw new ArgumentException($"The block table has {table.MaxPagesPerSequence} columns; spec.Cache.MaxPagesPerSequence is {spec.Cache.MaxPagesPerSequence}.", nameof(table));
         if (table.BatchSize != spec.Rows)
             throw new ArgumentException($"The block table holds {table.BatchSize} rows; the spec has {spec.Rows}.", nameof(table));
-        Launch(spec, query, keys, values, table.Lengths, table.Table, table.LongestSequence, output, lse, workspace, positions, alibiSlopes, stream);
+        CheckLaunch(spec, query, keys, values, output, lse, workspace, positions, alibiSlopes);
     }
 
     /// <summary>
@@ -138,6 +148,15 @@ public sealed class DecodeAttentionKernels
         DeviceSpan<int> positions = default, DeviceSpan<float> alibiSlopes = default, CudaStream? stream = null)
         where TIn : unmanaged where TOut : unmanaged
     {
+        Validate(spec, query, keys, values, lengths, output, lse, workspace, positions, alibiSlopes);
+        Launch(spec, query, keys, values, lengths.Lengths, default, lengths.LongestSequence, output, lse, workspace, positions, alibiSlopes, stream);
+    }
+
+    /// <summary>Every check the contiguous <c>Run</c> makes, without launching.</summary>
+    internal void Validate<TIn, TOut>(in DecodeAttentionSpec spec, DeviceSpan<TIn> query, DeviceSpan<TIn> keys, DeviceSpan<TIn> values,
+        DeviceSequenceLengths lengths, DeviceSpan<TOut> output, DeviceSpan<float> lse, DecodeAttentionWorkspace? workspace,
+        DeviceSpan<int> positions, DeviceSpan<float> alibiSlopes) where TIn : unmanaged where TOut : unmanaged
+    {
         ArgumentNullException.ThrowIfNull(lengths);
         if (spec.Cache.IsPaged)
             throw new ArgumentException("spec.Cache is paged storage; pass a DeviceBlockTable (the other Run overload).", nameof(spec));
@@ -148,7 +167,7 @@ public sealed class DecodeAttentionKernels
             throw new ArgumentException($"The lengths hold {lengths.Count} rows; the spec has {spec.Rows}.", nameof(lengths));
         if (lengths.LongestSequence > spec.Cache.MaxTokens)
             throw new ArgumentException($"The lengths were validated for MaxTokens = {lengths.MaxTokens} and reach {lengths.LongestSequence}; spec.Cache.MaxTokens is {spec.Cache.MaxTokens}.", nameof(lengths));
-        Launch(spec, query, keys, values, lengths.Lengths, default, lengths.LongestSequence, output, lse, workspace, positions, alibiSlopes, stream);
+        CheckLaunch(spec, query, keys, values, output, lse, workspace, positions, alibiSlopes);
     }
 
     /// <summary>
@@ -276,20 +295,7 @@ public sealed class DecodeAttentionKernels
         DecodeAttentionWorkspace? workspace, DeviceSpan<int> positions, DeviceSpan<float> alibiSlopes, CudaStream? stream)
         where TIn : unmanaged where TOut : unmanaged
     {
-        if (workspace is not null)
-        {
-            if (!ReferenceEquals(workspace.Device, _device)) throw new ArgumentException("The workspace belongs to another device.", nameof(workspace));
-            workspace.Check(spec, nameof(workspace));
-        }
-        CheckBuffer(query, nameof(query), aligned: true);
-        CheckBuffer(keys, nameof(keys), aligned: true);
-        CheckBuffer(values, nameof(values), aligned: true);
-        CheckBuffer(output, nameof(output), aligned: true);
-        CheckBuffer(lse, nameof(lse), aligned: false);
-        CheckBuffer(positions, nameof(positions), aligned: false);
-        CheckBuffer(alibiSlopes, nameof(alibiSlopes), aligned: false);
         if (spec.OutputElements == 0) return;   // B = 0: nothing to write
-        if (spec.LseElements > int.MaxValue) throw new ArgumentException($"The call has {spec.LseElements} query rows; at most 2^31 − 1 are supported.", nameof(spec));
 
         var key = KeyOf(spec);
         var module = Module(key);
@@ -389,6 +395,26 @@ public sealed class DecodeAttentionKernels
             ("KEY_REUSE", key.KeyReuse ? 1 : 0));
 
     private void CheckDevice<T>(DeviceSpan<T> span, string name) where T : unmanaged => _device.EnsureSame(span.Device, name);
+
+    /// <summary>The checks common to both storages: workspace, device ownership and alignment of every buffer, row count.</summary>
+    private void CheckLaunch<TIn, TOut>(in DecodeAttentionSpec spec, DeviceSpan<TIn> query, DeviceSpan<TIn> keys, DeviceSpan<TIn> values,
+        DeviceSpan<TOut> output, DeviceSpan<float> lse, DecodeAttentionWorkspace? workspace, DeviceSpan<int> positions, DeviceSpan<float> alibiSlopes)
+        where TIn : unmanaged where TOut : unmanaged
+    {
+        if (workspace is not null)
+        {
+            if (!ReferenceEquals(workspace.Device, _device)) throw new ArgumentException("The workspace belongs to another device.", nameof(workspace));
+            workspace.Check(spec, nameof(workspace));
+        }
+        CheckBuffer(query, nameof(query), aligned: true);
+        CheckBuffer(keys, nameof(keys), aligned: true);
+        CheckBuffer(values, nameof(values), aligned: true);
+        CheckBuffer(output, nameof(output), aligned: true);
+        CheckBuffer(lse, nameof(lse), aligned: false);
+        CheckBuffer(positions, nameof(positions), aligned: false);
+        CheckBuffer(alibiSlopes, nameof(alibiSlopes), aligned: false);
+        if (spec.LseElements > int.MaxValue) throw new ArgumentException($"The call has {spec.LseElements} query rows; at most 2^31 − 1 are supported.", nameof(spec));
+    }
 
     /// <summary>A non-empty buffer must live on this device and, for the 16-byte vector loads and stores, be 16-byte aligned.</summary>
     private void CheckBuffer<T>(DeviceSpan<T> span, string name, bool aligned) where T : unmanaged

@@ -1,0 +1,98 @@
+using KvKernels.Attention;
+using KvKernels.Cuda;
+using KvKernels.Mla;
+using KvKernels.Tests.Oracles;
+
+namespace KvKernels.Tests.Mla;
+
+/// <summary>
+/// The GPU absorption GEMMs against the CPU twin on every backend, with each GEMM backend the device has (the own
+/// kernels everywhere, cuBLAS on a CUDA device with cuBLAS). Summation orders differ, so an element may land on the
+/// neighbouring value of its type: the comparison allows one unit in the last place of the type per element
+/// (relative 2^-10 fp16, 2^-7 bf16, 1e-6 fp32), and outputs are poisoned first.
+/// </summary>
+public sealed class MlaAbsorbKernelsTests(Backends backends)
+{
+    public static TheoryData<string, string, int, int, int, int> Cases
+    {
+        get
+        {
+            var data = new TheoryData<string, string, int, int, int, int>();
+            foreach (var backend in Backends.All)
+                foreach (var gemm in new[] { "own", "cublas" })
+                {
+                    // backend, gemm, tokens (M), heads, latent, output type (0 fp16, 1 bf16, 2 fp32)
+                    data.Add(backend, gemm, 1, 16, 512, 1);
+                    data.Add(backend, gemm, 7, 4, 96, 0);
+                    data.Add(backend, gemm, 19, 3, 288, 2);
+                    data.Add(backend, gemm, 33, 2, 64, 1);
+                }
+            return data;
+        }
+    }
+
+    [Theory]
+    [MemberData(nameof(Cases))]
+    public void AbsorbAndUnabsorb_MatchTheCpuTwin(string backend, string gemm, int tokens, int heads, int latent, int outputType)
+    {
+        var device = backends.Get(backend);
+        if (gemm == "cublas" && (device.Kind != DeviceKind.Cuda || !Cublas.IsAvailable))
+            Assert.Skip(device.Kind != DeviceKind.Cuda ? "cuBLAS runs on a CUDA device only." : "cuBLAS is not installed: " + Cublas.UnavailableReason);
+        var shape = latent == 512 ? MlaShape.DeepSeek(heads) : new MlaShape(heads, latent, 32, 40, 24);
+        var input = outputType == 0 ? AttentionElement.Float16 : AttentionElement.BFloat16;
+        var spec = new MlaAttentionSpec(tokens, 1, shape, KvCacheShape.Contiguous(1)) { InputType = input, OutputType = (AttentionElement)outputType };
+        using var ops = new MlaAbsorbKernels(device, gemm == "cublas" ? MlaGemmBackend.Cublas : MlaGemmBackend.OwnKernel);
+        switch (outputType)
+        {
+            case 0: Check<Half, Half>(device, ops, spec, 2e-3); break;
+            case 1: Check<BFloat16, BFloat16>(device, ops, spec, 1e-2); break;
+            default: Check<BFloat16, float>(device, ops, spec, 1e-6); break;
+        }
+    }
+
+    private static void Check<TIn, TOut>(CudaDevice device, MlaAbsorbKernels ops, MlaAttentionSpec spec, double outputUlp)
+        where TIn : unmanaged where TOut : unmanaged
+    {
+        var rng = new Random((int)spec.TokenRows * 131 + spec.Shape.NumHeads);
+        var qNope = Values<TIn>(rng, spec.NopeQueryElements, 1f);
+        var qPe = Values<TIn>(rng, spec.RopeQueryElements, 1f);
+        var weights = Values<TIn>(rng, spec.Shape.WeightElements, 1 / MathF.Sqrt(spec.Shape.LatentDim));
+        var latent = Values<TIn>(rng, spec.LatentOutputElements, 1f);
+
+        var query = new TIn[spec.QueryElements];
+        var output = new TOut[spec.OutputElements];
+        MlaCpu.AbsorbQuery<TIn>(spec, qNope, qPe, weights, query);
+        MlaCpu.Unabsorb<TIn, TOut>(spec, latent, weights, output);
+
+        using var dNope = device.Allocate<TIn>(qNope);
+        using var dPe = device.Allocate<TIn>(qPe);
+        using var dWeights = device.Allocate<TIn>(weights);
+        using var dLatent = device.Allocate<TIn>(latent);
+        using var dQuery = device.Allocate<TIn>(AttentionElements.Poisoned<TIn>(spec.QueryElements));
+        using var dOutput = device.Allocate<TOut>(AttentionElements.Poisoned<TOut>(spec.OutputElements));
+        ops.AbsorbQuery(spec, dNope.Span, dPe.Span, dWeights.Span, dQuery.Span);
+        ops.Unabsorb(spec, dLatent.Span, dWeights.Span, dOutput.Span);
+        device.DefaultStream.Synchronize();
+
+        double inputUlp = typeof(TIn) == typeof(Half) ? 1.0 / 1024 : 1.0 / 128;
+        AssertWithinUlps(dQuery.ToArray(), query, inputUlp, "query");
+        AssertWithinUlps(dOutput.ToArray(), output, outputUlp, "output");
+    }
+
+    private static void AssertWithinUlps<T>(T[] actual, T[] expected, double relative, string name) where T : unmanaged
+    {
+        for (int i = 0; i < expected.Length; i++)
+        {
+            double a = AttentionElements.ToDouble(actual[i]), e = AttentionElements.ToDouble(expected[i]);
+            Assert.False(double.IsNaN(a), $"{name}[{i}] is NaN (not written)");
+            Assert.True(Math.Abs(a - e) <= relative * Math.Abs(e) + 1e-6, $"{name}[{i}] = {a}, CPU {e}");
+        }
+    }
+
+    private static T[] Values<T>(Random rng, long count, float scale) where T : unmanaged
+    {
+        var values = new T[count];
+        for (long i = 0; i < count; i++) values[i] = AttentionElements.FromFloat<T>((float)(rng.NextDouble() * 2 - 1) * scale);
+        return values;
+    }
+}
