@@ -48,7 +48,7 @@
 //   lane of the token by a shuffle. Token groups are folded with shuffles at the end.
 // - RoPE: after a tile lands, the CTA rotates it into an fp32 tile (rotating the 16-bit keys in place
 //   would round them); the angle is the spec's fp32 product (float)pos * invFreq[i], with
-//   invFreq[i] = (float)pow((double)theta, -2i / rotaryDim) and an accurate sincos (sincos_accurate:
+//   invFreq[i] = (float)pow((double)theta, -2i / rotaryDim) and an accurate sincos (kvk_sincos_accurate:
 //   angles reach 1e5 rad, where __sincosf is useless). With key reuse the raw 16-bit tile is the value tile.
 // This kernel uses CUDA cores only; attention_decode_mma (below) is the tensor-core variant for many rows per KV head.
 #include "common/kvk_types.cuh"
@@ -257,27 +257,6 @@ KVK_INLINE float warp_sum(float x, int firstMask, int endMask)
 {
     for (int mask = firstMask; mask < endMask; mask <<= 1) x += __shfl_xor_sync(0xFFFFFFFFu, x, mask);
     return x;
-}
-
-// sin and cos of a float angle of any magnitude below 2^31, within about 2 ulp, like the library's
-// accurate sincosf (NOT __sincosf: RoPE angles reach 1e5 rad and more) but without its Payne-Hanek slow
-// path, whose local-memory array would give the kernel a stack frame. Reduction by pi/2 in double: the
-// fma rounds x - k*pi2hi once (error <= 2^-53 * pi/4) and pi2lo corrects pi2hi's own error, so r is
-// accurate to ~1e-16 for every |k| < 2^31. Then Cephes' float minimax polynomials on [-pi/4, pi/4].
-KVK_INLINE void sincos_accurate(float x, float& sinOut, float& cosOut)
-{
-    const double k = rint((double)x * 0.63661977236758134308);
-    double r = fma(-k, 1.5707963267948966, (double)x);
-    r = fma(-k, 6.123233995736766e-17, r);
-    const float rf = (float)r, z = rf * rf;
-    const float sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * rf + rf;
-    const float cp = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
-    switch ((int)((kvk_i64)k & 3)) {
-    case 0: sinOut = sp; cosOut = cp; break;
-    case 1: sinOut = cp; cosOut = -sp; break;
-    case 2: sinOut = -sp; cosOut = -cp; break;
-    default: sinOut = -cp; cosOut = sp; break;
-    }
 }
 
 // The visible token list of a CTA: [0, aEnd) then [bStart, length); position e of the list is token
@@ -658,7 +637,7 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
                 halfDiv.divmod((kvk_u32)c, token, i);
                 const float angle = __fmul_rn((float)pos[token], invFreq[i]);
                 float sn, cs;
-                sincos_accurate(angle, sn, cs);
+                kvk_sincos_accurate(angle, sn, cs);
                 const int a = ROPE_STYLE == 1 ? (int)i : 2 * (int)i;
                 const int bIdx = ROPE_STYLE == 1 ? (int)i + halfRotary : 2 * (int)i + 1;
                 const float x = in_to_float(raw[token * kDk + a]), y = in_to_float(raw[token * kDk + bIdx]);

@@ -15,6 +15,8 @@
 // below) and .ftz behaviour are exact on both.
 //
 // NaN results are the canonical NaN 0x7FFFFFFF (what the GPU produces; tests should only assert NaN).
+//
+// kvk_sincos_accurate (RoPE angles) is plain C++, the same code on the device and the host.
 #pragma once
 #include "common/kvk_types.cuh"
 
@@ -72,4 +74,25 @@ KVK_INLINE float kvk_rcp(float a)
     // The double quotient rounded to float is the correctly rounded f32 quotient (53 >= 2*24 + 2).
     return kvk_ftz_result((float)(1.0 / (double)kvk_ftz_input(a)));
 #endif
+}
+
+// sin and cos of a float angle of any magnitude below 2^31, within about 2 ulp, like the library's
+// accurate sincosf (NOT __sincosf: RoPE angles reach 1e5 rad and more) but without its Payne-Hanek slow
+// path, whose local-memory array would give the kernel a stack frame. Reduction by pi/2 in double: the
+// fma rounds x - k*pi2hi once (error <= 2^-53 * pi/4) and pi2lo corrects pi2hi's own error, so r is
+// accurate to ~1e-16 for every |k| < 2^31. Then Cephes' float minimax polynomials on [-pi/4, pi/4].
+KVK_INLINE void kvk_sincos_accurate(float x, float& sinOut, float& cosOut)
+{
+    const double k = rint((double)x * 0.63661977236758134308);
+    double r = fma(-k, 1.5707963267948966, (double)x);
+    r = fma(-k, 6.123233995736766e-17, r);
+    const float rf = (float)r, z = rf * rf;
+    const float sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * rf + rf;
+    const float cp = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
+    switch ((int)((kvk_i64)k & 3)) {
+    case 0: sinOut = sp; cosOut = cp; break;
+    case 1: sinOut = cp; cosOut = -sp; break;
+    case 2: sinOut = -sp; cosOut = -cp; break;
+    default: sinOut = -cp; cosOut = sp; break;
+    }
 }

@@ -29,5 +29,6 @@ public static class KernelCatalog
         .. PagedKvKernels.Specializations.Select(s => new CatalogEntry("paging", s, PagedKvKernels.EntryPoints)),
         .. DecodeAttentionKernels.Specializations.Select(s => new CatalogEntry("attention", s, DecodeAttentionKernels.EntryPoints)),
         .. MlaAbsorbKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaAbsorbKernels.EntryPoints)),
+        .. MlaCacheKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaCacheKernels.EntryPoints)),
     ];
 }

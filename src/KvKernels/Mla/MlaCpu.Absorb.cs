@@ -4,7 +4,7 @@ using static KvKernels.Attention.DecodeAttentionCpuMath;
 
 namespace KvKernels.Mla;
 
-public static partial class MlaCpu
+public static unsafe partial class MlaCpu
 {
     /// <summary>
     /// Query absorption: <c>query[m, h, 0 … LatentDim) = q_nope[m, h] · W_UK[h]</c> (fp32 accumulation, one rounding to

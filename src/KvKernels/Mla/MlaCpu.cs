@@ -22,7 +22,7 @@ public enum MlaPath
 /// <see cref="MlaCacheWriteSpec"/>), plus an fp32 reference of the step computed either way (<see cref="DecodeReference{T}"/>), whose agreement
 /// is the proof that absorption is right.
 /// </summary>
-public static partial class MlaCpu
+public static unsafe partial class MlaCpu
 {
     /// <summary>
     /// Latent decode attention: decode attention with one KV head of RowDim, values the first LatentDim columns of each

@@ -156,7 +156,7 @@ public readonly record struct MlaCacheWriteSpec(int NumTokens, MlaShape Shape, P
     public AttentionElement ElementType { get; init; }
 
     /// <summary>RoPE of k_pe (DeepSeek's interleaved pairs, θ = 10000, by default).</summary>
-    public MlaRope Rope { get; init; } = new();
+    public MlaRope Rope { get; init; } = new(RopeStyle.Interleaved);
 
     /// <summary>Apply RMSNorm with a weight to the latent (DeepSeek's kv_norm); false stores it as given.</summary>
     public bool Normalize { get; init; } = true;
