@@ -7,5 +7,6 @@ internal static class VerificationRegistry
     [
         .. PagingVerifications.All,
         .. AttentionVerifications.All,
+        .. MlaVerifications.All,
     ];
 }
