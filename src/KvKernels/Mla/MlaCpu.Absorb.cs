@@ -128,8 +128,11 @@ public static unsafe partial class MlaCpu
             TensorPrimitives.MultiplyAdd(weights.Slice(d * dc, dc), ToSingle(nope[d]), row.Slice(0, dc), row.Slice(0, dc));
     }
 
+    /// <summary>Widens a weight block (a whole number of rows: every MLA dim is a multiple of 8) to fp32, vectorised.</summary>
     private static void WidenRows<T>(ReadOnlySpan<T> source, Span<float> destination) where T : unmanaged
     {
-        for (int i = 0; i < source.Length; i++) destination[i] = ToSingle(source[i]);
+        fixed (T* s = source)
+        fixed (float* d = destination)
+            KvKernels.Attention.DecodeAttentionCpuMath.Widen(s, d, source.Length);
     }
 }

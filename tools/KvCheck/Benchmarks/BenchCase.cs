@@ -17,6 +17,10 @@ internal abstract class BenchCase : IDisposable
     /// <summary>Bytes read + bytes written by one call.</summary>
     public abstract long BytesMoved { get; }
 
+    /// <summary>Floating-point operations one call must do (multiply-add = 2), or 0 where bytes alone bound the op.
+    /// Rows with FLOPs also report TFLOP/s.</summary>
+    public virtual long Flops => 0;
+
     /// <summary>The % of the copy bandwidth a GPU row is held to, or null for none. By default rows moving ≥ 256 MiB
     /// are held to 90 % (the paging goal); op families with other goals override it.</summary>
     public virtual double? GoalPercent => BytesMoved >= 256L << 20 ? 90 : null;

@@ -126,11 +126,11 @@ internal static class BenchCommand
         }
 
         var table = new TextTable(null, ("Op", false), ("Backend", false), ("Shape", false), ("µs", true), ("GB/s", true),
-            ("% of copy", true), ("MiB moved", true), ("Goal", false), ("Note", false));
+            ("% of copy", true), ("TFLOP/s", true), ("MiB moved", true), ("Goal", false), ("Note", false));
         foreach (var r in rows)
             table.AddRow(r.Goal == "missed" || r.Note?.StartsWith("error", StringComparison.Ordinal) == true,
                 r.Op, r.Backend, r.Shape, Ui.F(r.Us, 1), Ui.F(r.Gbps, 1), Ui.Floor(r.PctOfBandwidth, 1),
-                Ui.F(r.Bytes / 1048576.0, 1), BenchReportWriter.GoalText(r), r.Note ?? "");
+                r.Tflops is { } tf ? Ui.F(tf, 2) : "", Ui.F(r.Bytes / 1048576.0, 1), BenchReportWriter.GoalText(r), r.Note ?? "");
         Ui.Line();
         table.Write();
         Ui.Line("GB/s: bytes the op must read + write per call / median time (1 GB = 1e9 B); % of copy: of the same backend's copy bandwidth " +
@@ -147,10 +147,12 @@ internal static class BenchCommand
     }
 
     /// <summary>Every GPU row, family by family (a new op family appends its cases here).</summary>
-    private static IEnumerable<GpuBenchCase> GpuCases(bool quick) => PagingBenchCases.Gpu().Concat(AttentionBenchCases.Gpu(quick)).Concat(MergeStatesBench.Gpu());
+    private static IEnumerable<GpuBenchCase> GpuCases(bool quick) => PagingBenchCases.Gpu().Concat(AttentionBenchCases.Gpu(quick)).Concat(MergeStatesBench.Gpu())
+        .Concat(MlaBenchCases.Gpu(quick));
 
     /// <summary>Every CPU row, family by family.</summary>
-    private static IEnumerable<CpuBenchCase> CpuCases() => PagingBenchCases.Cpu().Concat(AttentionBenchCases.Cpu()).Concat(MergeStatesBench.Cpu());
+    private static IEnumerable<CpuBenchCase> CpuCases() => PagingBenchCases.Cpu().Concat(AttentionBenchCases.Cpu()).Concat(MergeStatesBench.Cpu())
+        .Concat(MlaBenchCases.Cpu());
 
     private static void Progress(BenchRow row)
     {
@@ -209,8 +211,9 @@ internal static class BenchCommand
         double gbps = c.BytesMoved / t.MedianSeconds / 1e9;
         double pct = 100 * gbps / copyGBs;
         string? goal = backend == Cuda && c.GoalPercent is { } wanted ? (pct >= wanted ? "met" : "missed") : null;
+        double? tflops = c.Flops > 0 ? Math.Round(c.Flops / t.MedianSeconds / 1e12, 3) : null;
         return new BenchRow(c.Op, c.Shape, backend, Math.Round(t.MedianSeconds * 1e6, 2), Math.Round(gbps, 2), Math.Floor(pct * 100) / 100,
-            c.BytesMoved, t.Samples, t.OpsPerSample, sets, Math.Round(copyGBs, 2), goal, note, backend == Cuda ? c.GoalPercent : null);
+            c.BytesMoved, t.Samples, t.OpsPerSample, sets, Math.Round(copyGBs, 2), goal, note, backend == Cuda ? c.GoalPercent : null, tflops);
     }
 
     private static BenchRow Failed(BenchCase c, string backend, double copyGBs, string note) =>

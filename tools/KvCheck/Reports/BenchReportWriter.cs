@@ -37,17 +37,17 @@ internal static class BenchReportWriter
         sb.AppendLine($"- copy bandwidth: {Ui.F(r.BandwidthGBs, 1)} GB/s ({r.BandwidthKind})" +
             (r.CpuBandwidthGBs is { } cpu && r.Rows.Any(x => x.Backend == "cuda") ? $"; host copy {Ui.F(cpu, 1)} GB/s for the cpu rows" : ""));
         sb.AppendLine("- µs: median per call; GB/s: bytes the op must read + write / time (1 GB = 1e9 B); % of copy: of the copy " +
-            "bandwidth of the same backend measured in the same run; goal: each GPU row's own (paging rows moving ≥ 256 MiB: 90 %; decode attention: 85 % at N ≥ 8k with B·Hkv ≥ 64, 75 % at B = 1 and N ≥ 32k), " +
+            "bandwidth of the same backend measured in the same run; TFLOP/s: the FLOPs the op must do / time (MLA); goal: each GPU row's own (paging rows moving ≥ 256 MiB: 90 %; decode attention: 85 % at N ≥ 8k with B·Hkv ≥ 64, 75 % at B = 1 and N ≥ 32k; MLA latent attention with H ≤ 32: 80 %), " +
             "percentages truncated, never rounded up.");
         if (r.Rows.Any(x => x.Backend == "cpu"))
             sb.AppendLine("- cpu rows: the library runs gather and scatter in parallel over sequences above 8 MiB, so the host copy " +
                 "bandwidth is the faster of a 1-thread and an all-threads Span.CopyTo.");
         sb.AppendLine();
-        sb.AppendLine("| op | backend | shape | µs | GB/s | % of copy | MiB moved | goal | note |");
-        sb.AppendLine("|---|---|---|---:|---:|---:|---:|---|---|");
+        sb.AppendLine("| op | backend | shape | µs | GB/s | % of copy | TFLOP/s | MiB moved | goal | note |");
+        sb.AppendLine("|---|---|---|---:|---:|---:|---:|---:|---|---|");
         foreach (var row in r.Rows)
             sb.AppendLine($"| {row.Op} | {row.Backend} | {row.Shape} | {Ui.F(row.Us, 1)} | {Ui.F(row.Gbps, 1)} | {Ui.Floor(row.PctOfBandwidth, 1)} | " +
-                $"{Ui.F(row.Bytes / 1048576.0, 1)} | {GoalText(row)} | {row.Note?.Replace("|", "/", StringComparison.Ordinal) ?? ""} |");
+                $"{(row.Tflops is { } tf ? Ui.F(tf, 2) : "")} | {Ui.F(row.Bytes / 1048576.0, 1)} | {GoalText(row)} | {row.Note?.Replace("|", "/", StringComparison.Ordinal) ?? ""} |");
         return sb.ToString();
     }
 

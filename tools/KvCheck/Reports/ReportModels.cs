@@ -36,7 +36,8 @@ internal sealed record BenchReport(string Commit, string Date, string Device, st
 /// (paging: rows moving ≥ 256 MiB, 90 %; decode attention: 85 % or 75 % by shape, as the issue sets).
 /// </summary>
 internal sealed record BenchRow(string Op, string Shape, string Backend, double Us, double Gbps, double PctOfBandwidth,
-    long Bytes, int Samples, int OpsPerSample, int BufferSets, double BandwidthGBs, string? Goal, string? Note, double? GoalPercent = null);
+    long Bytes, int Samples, int OpsPerSample, int BufferSets, double BandwidthGBs, string? Goal, string? Note, double? GoalPercent = null,
+    double? Tflops = null);
 
 [JsonSourceGenerationOptions(
     PropertyNamingPolicy = JsonKnownNamingPolicy.CamelCase,
