@@ -45,7 +45,6 @@ after every row ("complete": false until the end), so a run cut short still leav
 import argparse
 import gc
 import importlib
-import json
 import math
 import os
 import sys
@@ -53,7 +52,8 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peerlib.timing import GOAL_BYTES, MIB, GpuTimer, buffer_sets, load_torch  # noqa: E402 - after the path setup
+from peerlib.rows import Results, describe_error, error_row, first_line, timed_row  # noqa: E402 - after the path setup
+from peerlib.timing import MIB, GpuTimer, buffer_sets, load_torch  # noqa: E402
 
 GIB = 1 << 30
 GOAL_PERCENT = 90.0
@@ -93,24 +93,6 @@ def cases(quick=False):
                 if case.kv_bytes <= KV_LIMIT:
                     rows.append(case)
     return rows
-
-
-def first_line(text, limit=400):
-    line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def describe_error(e, caught):
-    """The exception's type and first line, plus the distinct warning lines raised meanwhile (SDPA's reasons)."""
-    text = f"{type(e).__name__}: {first_line(e)}"
-    reasons = []
-    for w in caught:
-        line = first_line(w.message, 300)
-        if line and line not in reasons:
-            reasons.append(line)
-    if reasons:
-        text += " | warnings: " + " / ".join(reasons[:6])
-    return text[:1500]
 
 
 class FlexProbe:
@@ -294,58 +276,6 @@ class Peer(GpuTimer):
         return seconds, samples, k, notes
 
 
-class Results:
-    """Rows in case order, rewritten to --out after every row."""
-
-    def __init__(self, path, header, order):
-        self.path, self.header, self.order = path, header, order
-        self.rows = {}
-
-    def add(self, key, row):
-        self.rows[key] = row
-        self.write(False)
-
-    def ordered(self):
-        return [self.rows[key] for key in sorted(self.rows, key=lambda key: self.order[key])]
-
-    def write(self, complete):
-        if not self.path:
-            return
-        report = dict(self.header)
-        report["complete"] = complete
-        report["rows"] = self.ordered()
-        temp = self.path + ".tmp"
-        with open(temp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.replace(temp, self.path)
-
-
-def timed_row(case, backend, seconds, samples, k, sets, notes, copy_gbs):
-    """A row in KvCheck's BenchRow format (as bench/peers/paging_torch.py writes it)."""
-    gbps = case.moved / seconds / 1e9
-    pct = 100.0 * gbps / copy_gbs
-    row = {
-        "op": case.op, "shape": case.shape, "backend": backend,
-        "us": round(seconds * 1e6, 2), "gbps": round(gbps, 2),
-        "pctOfBandwidth": math.floor(pct * 100) / 100,
-        "bytes": case.moved, "samples": samples, "opsPerSample": k, "bufferSets": sets,
-        "bandwidthGBs": round(copy_gbs, 2),
-    }
-    if case.moved >= GOAL_BYTES:
-        row["goal"] = "met" if pct >= GOAL_PERCENT else "missed"
-    note = "; ".join(n for n in notes if n)
-    if note:
-        row["note"] = note
-    return row
-
-
-def error_row(case, backend, sets, message, copy_gbs):
-    """A failed backend: the error and no time."""
-    return {"op": case.op, "shape": case.shape, "backend": backend, "bytes": case.moved, "bufferSets": sets,
-            "bandwidthGBs": round(copy_gbs, 2), "error": message}
-
-
 def run_case(peer, case, backends, results, wanted):
     """Times `backends` on one case (one set of tensors shared by them) and adds their rows to `results`."""
     torch = peer.torch
@@ -374,7 +304,7 @@ def run_case(peer, case, backends, results, wanted):
                     seconds, samples, k, notes = peer.flex_row(case, data, ref, sets, wanted, caught)
                 else:
                     seconds, samples, k, notes = peer.sdpa_row(backend, data, ref, sets, wanted)
-                row = timed_row(case, backend, seconds, samples, k, sets, notes, peer.copy_gbs)
+                row = timed_row(case, backend, seconds, samples, k, sets, notes, peer.copy_gbs, GOAL_PERCENT)
             except Exception as e:  # noqa: BLE001 - a backend that raises gets an error row
                 row = error_row(case, backend, sets, describe_error(e, caught), peer.copy_gbs)
         gc.collect()
