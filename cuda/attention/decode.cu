@@ -396,7 +396,7 @@ struct kv_locator {
     }
 };
 
-// The double-buffered K/V stages of a CTA of Threads threads: stage s holds Tile tokens, key rows of KStride
+// The double-buffered K/V stages of a CTA of Threads threads (0: the run-time `threads`): stage s holds Tile tokens, key rows of KStride
 // and value rows of VStride 16-byte units (a raw 16-bit row is kDk / 8 or kDv / 8 units; the rest is
 // padding), and the tokens' storage rows (and RoPE positions, tokenPos null without RoPE) live in
 // rowIndex[s] (tokenPos[s]).
@@ -410,6 +410,9 @@ struct kv_stages {
     kvk_i32* tokenPos;
     kvk_u8* kStage;
     kvk_u8* vStage;
+    int threads = Threads;
+
+    KVK_INLINE int step() const { return Threads > 0 ? Threads : threads; }
 
     KVK_INLINE const kvk_u8* k_tile(int s) const { return kStage + s * kStageBytes; }
     // With key reuse the raw 16-bit key tile is the value tile.
@@ -431,7 +434,7 @@ struct kv_stages {
         if (t < numTiles) {
             const kvk_i64* idx = rowIndex + s * Tile;
             kvk_u8* kDst = kStage + s * kStageBytes;
-            for (int c = tid; c < Tile * (kDk / 8); c += Threads) {
+            for (int c = tid; c < Tile * (kDk / 8); c += step()) {
                 const int token = c / (kDk / 8), u = c % (kDk / 8);
                 const kvk_i64 row = idx[token];
                 const in_t* src = row >= 0 ? keys + row * kDk + u * 8 : keys;
@@ -439,7 +442,7 @@ struct kv_stages {
             }
 #if !KEY_REUSE
             kvk_u8* vDst = vStage + s * vStageBytes;
-            for (int c = tid; c < Tile * (kDv / 8); c += Threads) {
+            for (int c = tid; c < Tile * (kDv / 8); c += step()) {
                 const int token = c / (kDv / 8), u = c % (kDv / 8);
                 const kvk_i64 row = idx[token];
                 const in_t* src = row >= 0 ? values + row * kDv + u * 8 : values;
@@ -856,7 +859,10 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
 // ================================================================================================
 #define KVK_DECODE_MMA (ROPE_STYLE == 0 && HEAD_DIM % 16 == 0 && HEAD_DIM <= 256 && \
                         VALUE_DIM % 16 == 0 && VALUE_DIM <= 256)
-#if KVK_DECODE_MMA
+// attention_decode_mma_wide (see its comment): key reuse with a head past 256 (MLA's 576/512).
+#define KVK_DECODE_WIDE (ROPE_STYLE == 0 && KEY_REUSE && HEAD_DIM % 16 == 0 && VALUE_DIM % 32 == 0 && \
+                         VALUE_DIM <= 512 && (HEAD_DIM > 256 || VALUE_DIM > 256))
+#if KVK_DECODE_MMA || KVK_DECODE_WIDE
 #include "common/kvk_mma.cuh"
 #endif
 
@@ -889,7 +895,7 @@ static_assert(mTile <= mThreads, "one thread per token computes the tile's addre
 
 constexpr float kPScale = INPUT_BF16 ? 1.0f : 32768.0f;
 
-#if KVK_DECODE_MMA
+#if KVK_DECODE_MMA || KVK_DECODE_WIDE
 KVK_INLINE void mma16816(float (&acc)[4], const kvk_u32 (&a)[4], kvk_u32 b0, kvk_u32 b1)
 {
     const kvk_u32 b[2] = {b0, b1};
@@ -1188,6 +1194,238 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
                 *reinterpret_cast<float2*>(partial_row(partialOutput, split, outRows, outRow) + col) = make_float2(x0, x1);
         }
         if (t4 == 0) write_lse(lse, partialLse, split, splits, outRows, outRow, res.lse);
+    }
+#endif
+}
+
+// ================================================================================================
+// attention_decode_mma_wide — the same op on tensor cores for key reuse with a head past 256 columns: MLA's
+// latent rows (Dk = 576, V = the first Dv = 512 columns of each row, one KV head shared by 16-128 query heads).
+// A warp's 16 x Dv output would need 256 accumulator registers per thread, so warps work in PAIRS that split the
+// output columns: warp h (0, 1) of pair r owns query rows 16r .. 16r + 15 of the CTA's row tile and output columns
+// h * Dv/2 .. (h + 1) * Dv/2 - 1 (128 fp32 accumulators per thread at Dv = 512).
+// - A CTA has rowGroups (1, 2 or 4, chosen by the host from the rows: the `tokenStreams` argument) pairs, 64 x
+//   rowGroups threads; more rows than 16 x rowGroups go to further row tiles (CTAs), which re-read the chunk from L2.
+// - Stages of 32 tokens x Dk in shared memory (rows padded to an odd number of 16-byte units), double buffered
+//   with cp.async as in the other kernels; the query tile in the input type. Every K byte is loaded once per CTA
+//   and serves as K (QK) and, in its first Dv columns, as V (PV).
+// - Per tile, warp h computes S for its 16 rows x tokens 16h .. 16h + 15 (QK over all Dk: Dk/16 k-steps x 2 n8
+//   tiles), the pair agrees on the running row max through shared memory, each warp turns its S into P (the same
+//   1-3 input-type terms as attention_decode_mma) and hands its P fragments to its partner through shared memory;
+//   then PV over all 32 tokens into its half of the columns. Four barriers per tile (stage ready, maxima, P, stage
+//   free). At the end the pair adds its two partial sums l, and each warp writes its columns.
+// ================================================================================================
+namespace kvk_attn_wide {
+using namespace kvk_attn;
+using namespace kvk_attn_mma;
+
+// The host (DecodeAttentionKernels.cs, DecodeWideLayout) computes the same numbers: keep them in step.
+enum : int {
+    wTile = 32,
+    wKStride = kDk / 8 + 1,                     // odd: conflict-free ldmatrix
+    wHalf = kDv / 2,                            // output columns per warp
+    wIdxBytes = 2 * wTile * 8,
+    wStageBytes = wTile * wKStride * 16,
+    wPipeBytes = 2 * wStageBytes,
+    wPairBytes = 2 * 16 * 4 + 2 * mPTerms * 32 * 16,   // two warps' row maxima, then their P fragments
+};
+
+KVK_INLINE int wide_shared_bytes(int rowGroups) { return rowGroups * 16 * wKStride * 16 + wIdxBytes + wPipeBytes + rowGroups * wPairBytes; }
+
+}  // namespace kvk_attn_wide
+
+extern "C" __global__ __launch_bounds__(256, 1) void attention_decode_mma_wide(
+    const in_t* __restrict__ query, const in_t* __restrict__ keys, const in_t* __restrict__ values,
+    const kvk_i32* __restrict__ lengths, const kvk_i32* __restrict__ blockTable, const kvk_i32* __restrict__ positions,
+    const float* __restrict__ alibiSlopes, out_t* __restrict__ output, float* __restrict__ lse,
+    float* __restrict__ partialOutput, float* __restrict__ partialLse,
+    kvk_i32 batch, kvk_i32 queryLength, kvk_i32 numQueryHeads, kvk_i32 numKvHeads, kvk_i32 ragged, kvk_i32 poolKvHeads,
+    kvk_i32 maxTokens, kvk_i32 pageSize, kvk_i32 maxPagesPerSeq,
+    float scale, float softCap, kvk_i32 window, kvk_i32 sinks, kvk_i32 rotaryDim, float ropeTheta,
+    kvk_i32 splits, kvk_i32 rowGroups, kvk_i32 rowTiles, kvk_i32 sharedBytes)
+{
+#if !KVK_DECODE_WIDE
+    __trap();   // the host never launches it for this specialization
+#else
+    using namespace kvk_attn_wide;
+    (void)values; (void)rotaryDim; (void)ropeTheta;
+    if (sharedBytes != wide_shared_bytes(rowGroups) || (int)blockDim.x != 64 * rowGroups) __trap();
+    KVK_DYNAMIC_SHARED(kvk_u8, smem);
+    const int qBytes = rowGroups * 16 * wKStride * 16;
+    kvk_u8* const qTile = smem;                                                          // [16 rowGroups][wKStride] units
+    kvk_i64* const rowIndex = reinterpret_cast<kvk_i64*>(smem + qBytes);                 // [2][wTile]
+    kvk_u8* const pipe = smem + qBytes + wIdxBytes;                                      // [2][wTile][wKStride] units
+    kvk_u8* const pairs = pipe + wPipeBytes;                                             // [rowGroups][wPairBytes]
+    const int threads = 64 * rowGroups;
+    const kv_stages<wTile, 0, wKStride, wKStride> stages{rowIndex, nullptr, pipe, nullptr, threads};
+
+    const int tid = (int)threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int pair = warp >> 1, half = warp & 1;
+    float* const maxima = reinterpret_cast<float*>(pairs + pair * wPairBytes);                       // [2][16]
+    kvk_v16* const frags = reinterpret_cast<kvk_v16*>(pairs + pair * wPairBytes + 2 * 16 * 4);       // [2][terms][32]
+
+    const decode_cta cta(splits, rowTiles, queryLength, numQueryHeads, numKvHeads, ragged);
+    if (cta.b >= batch) return;
+    const int length = cta.length(lengths, maxTokens);
+    const int split = cta.split, packedRows = cta.packedRows;
+    const int rowBase = cta.rowTile * rowGroups * 16;
+
+    // ---- query rows -> shared memory in the input type (rows past the end are zeros)
+    for (int c = tid; c < rowGroups * 16 * (kDk / 8); c += threads) {
+        const int r = c / (kDk / 8), u = c % (kDk / 8);
+        const int pr = rowBase + r;
+        kvk_v16 v = {0u, 0u, 0u, 0u};
+        if (pr < packedRows) v = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(query + cta.global_row(pr) * kDk + u * 8));
+        *reinterpret_cast<kvk_v16*>(qTile + (r * wKStride + u) * 16) = v;
+    }
+
+    const decode_chunk chunk(token_list(length, queryLength, window, sinks), split, splits, wTile);
+    const token_list& list = chunk.list;
+    const int eBegin = chunk.begin, eEnd = chunk.end, numTiles = chunk.tiles;
+
+    int qIndex[2];
+    float slope[2];
+    KVK_UNROLL
+    for (int rr = 0; rr < 2; ++rr) cta.row_constants(rowBase + pair * 16 + g + 8 * rr, length, alibiSlopes, qIndex[rr], slope[rr]);
+
+    const kv_locator locate(cta, chunk, blockTable, positions, poolKvHeads, maxTokens, pageSize, maxPagesPerSeq);
+    stages.start(locate, eBegin, numTiles, keys, values, tid);
+
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
+    float o[wHalf / 8][4];
+    KVK_UNROLL
+    for (int j = 0; j < wHalf / 8; ++j)
+        KVK_UNROLL
+        for (int x = 0; x < 4; ++x) o[j][x] = 0.0f;
+
+    const kvk_u8* const qRow = qTile + ((pair * 16 + (lane & 15)) * wKStride + (lane >> 4)) * 16;
+    const int kRowOffset = ((16 * half + (lane >> 4) * 8 + (lane & 7)) * wKStride + ((lane >> 3) & 1)) * 16;
+    const int vRowOffset = (((lane & 7) + ((lane >> 3) & 1) * 8) * wKStride + (lane >> 4)) * 16 + (half * wHalf / 8) * 16;
+
+    for (int k = 0; k < numTiles; ++k) {
+        const int s = k & 1;
+        kvk_i64 nextRow = -1;
+        int nextPos = 0;
+        if (tid < wTile) nextRow = locate(eBegin + (k + 2) * wTile + tid, nextPos);
+
+        kvk_cp_async_wait_group<1>();
+        __syncthreads();
+        const kvk_u8* const tile = stages.k_tile(s);
+
+        // ---- QK: S[row][token] for the pair's 16 rows x this warp's 16 tokens
+        float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll 4
+        for (int kk = 0; kk < kDk / 16; ++kk) {
+            kvk_u32 a[4], kb[4];
+            kvk_ldmatrix_x4(a, qRow + kk * 32);
+            kvk_ldmatrix_x4(kb, tile + kRowOffset + kk * 32);
+            mma16816(sc[0], a, kb[0], kb[1]);
+            mma16816(sc[1], a, kb[2], kb[3]);
+        }
+        float tileMax[2] = {neg_inf(), neg_inf()};
+        KVK_UNROLL
+        for (int j = 0; j < 2; ++j)
+            KVK_UNROLL
+            for (int i = 0; i < 4; ++i) {
+                const int rr = i >> 1;
+                const int e = eBegin + k * wTile + 16 * half + 8 * j + 2 * t4 + (i & 1);
+                sc[j][i] = logit2(sc[j][i] * scale, list.token(e), e < eEnd, qIndex[rr], slope[rr], alibiSlopes != nullptr, softCap, window, sinks);
+                tileMax[rr] = fmaxf(tileMax[rr], sc[j][i]);
+            }
+        KVK_UNROLL
+        for (int rr = 0; rr < 2; ++rr) {
+            tileMax[rr] = warp_max(tileMax[rr], 1, 4);
+            if (t4 == 0) maxima[half * 16 + g + 8 * rr] = tileMax[rr];
+        }
+        __syncthreads();
+
+        // ---- the pair's common running max, then this warp's P (kPScale-scaled) and its partial l
+        float alpha[2], mUse[2];
+        KVK_UNROLL
+        for (int rr = 0; rr < 2; ++rr) {
+            const float mNew = fmaxf(m[rr], fmaxf(tileMax[rr], maxima[(half ^ 1) * 16 + g + 8 * rr]));
+            mUse[rr] = max_for_ex2(mNew);
+            alpha[rr] = kvk_ex2(m[rr] - mUse[rr]);
+            m[rr] = mNew;
+            l[rr] *= alpha[rr];
+        }
+        KVK_UNROLL
+        for (int j = 0; j < 2; ++j)
+            KVK_UNROLL
+            for (int i = 0; i < 4; ++i) {
+                sc[j][i] = kvk_ex2(sc[j][i] - mUse[i >> 1]);
+                l[i >> 1] += sc[j][i];
+                sc[j][i] *= kPScale;
+            }
+        KVK_UNROLL
+        for (int j = 0; j < wHalf / 8; ++j) {
+            o[j][0] *= alpha[0];
+            o[j][1] *= alpha[0];
+            o[j][2] *= alpha[1];
+            o[j][3] *= alpha[1];
+        }
+        KVK_UNROLL
+        for (int term = 0; term < mPTerms; ++term) {
+            kvk_u32 pa[4];
+            take_term(sc, pa, term + 1 < mPTerms);
+            frags[(half * mPTerms + term) * 32 + lane] = kvk_v16{pa[0], pa[1], pa[2], pa[3]};
+        }
+        __syncthreads();
+
+        // ---- PV: o (16 x this warp's columns) += P (16 x 32 tokens) V (32 tokens x the columns); the tokens of
+        // k-step ks came from warp ks of the pair, its P terms from shared memory, one term at a time.
+        KVK_UNROLL
+        for (int ks = 0; ks < 2; ++ks) {
+            const kvk_u8* const vSub = tile + ks * 16 * wKStride * 16 + vRowOffset;
+#pragma unroll 1
+            for (int term = 0; term < mPTerms; ++term) {
+                const kvk_v16 f = frags[(ks * mPTerms + term) * 32 + lane];
+                const kvk_u32 pa[4] = {f.x, f.y, f.z, f.w};
+                KVK_UNROLL
+                for (int cp = 0; cp < wHalf / 16; ++cp) {
+                    kvk_u32 vb[4];
+                    kvk_ldmatrix_x4_trans(vb, vSub + cp * 32);
+                    mma16816(o[2 * cp], pa, vb[0], vb[1]);
+                    mma16816(o[2 * cp + 1], pa, vb[2], vb[3]);
+                }
+            }
+        }
+
+        stages.set_row(s, tid, nextRow, nextPos);
+        __syncthreads();   // stage s, its addresses, the maxima and the fragments are free
+        stages.issue(k + 2, s, numTiles, keys, values, tid);
+    }
+    kvk_cp_async_wait_all();
+
+    // ---- the pair's l: each warp summed its own tokens
+    KVK_UNROLL
+    for (int rr = 0; rr < 2; ++rr) {
+        l[rr] = warp_sum(l[rr], 1, 4);
+        if (t4 == 0) maxima[half * 16 + g + 8 * rr] = l[rr];
+    }
+    __syncthreads();
+    KVK_UNROLL
+    for (int rr = 0; rr < 2; ++rr) l[rr] += maxima[(half ^ 1) * 16 + g + 8 * rr];
+
+    // ---- results: this warp's columns of o / (l * kPScale), the LSE (warp 0 of the pair), or the split's partials
+    const kvk_i64 outRows = (kvk_i64)batch * queryLength * numQueryHeads;
+    KVK_UNROLL
+    for (int rr = 0; rr < 2; ++rr) {
+        const int pr = rowBase + pair * 16 + g + 8 * rr;
+        if (pr >= packedRows) continue;
+        const kvk_i64 outRow = cta.global_row(pr);
+        const row_result res(m[rr], l[rr], kPScale);
+        KVK_UNROLL
+        for (int j = 0; j < wHalf / 8; ++j) {
+            const int col = half * wHalf + 8 * j + 2 * t4;
+            const float x0 = o[j][2 * rr] * res.inv, x1 = o[j][2 * rr + 1] * res.inv;
+            if (splits == 1)
+                store2(output + outRow * kDv + col, x0, x1);
+            else
+                *reinterpret_cast<float2*>(partial_row(partialOutput, split, outRows, outRow) + col) = make_float2(x0, x1);
+        }
+        if (half == 0 && t4 == 0) write_lse(lse, partialLse, split, splits, outRows, outRow, res.lse);
     }
 #endif
 }

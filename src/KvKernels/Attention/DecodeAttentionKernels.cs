@@ -26,7 +26,8 @@ public sealed class DecodeAttentionKernels
     public const string Source = "attention/decode.cu";
 
     /// <summary>The entry points every specialization contains.</summary>
-    public static IReadOnlyList<string> EntryPoints { get; } = ["attention_decode", "attention_merge_splits", "attention_merge_states", "attention_decode_mma"];
+    public static IReadOnlyList<string> EntryPoints { get; } =
+        ["attention_decode", "attention_merge_splits", "attention_merge_states", "attention_decode_mma", "attention_decode_mma_wide"];
 
     /// <summary>
     /// Fewest query rows per KV head (q_len × group) for which a call uses the tensor-core kernel: from 8 rows a
@@ -37,9 +38,10 @@ public sealed class DecodeAttentionKernels
     /// <summary>
     /// The specializations the library ships (compile-gated): head dims 64, 128, 256 × fp16/bf16 (output of the same
     /// type) × paged/contiguous, NHD, no RoPE, no key reuse; head dim 512 bf16 paged; head dim 128 fp16 paged with an
-    /// fp32 output. Their <c>attention_merge_states</c> serves <see cref="MergeStates{T}"/> for fp16, bf16 and fp32.
-    /// Every specialization holds both decode kernels (<c>attention_decode_mma</c> is a stub where the tensor-core kernel
-    /// does not apply, e.g. head dim 512). Every other shape compiles on demand.
+    /// fp32 output; MLA's latent rows (Dk 576, Dv 512, key reuse, paged) in bf16 → bf16, bf16 → fp32 and fp16 → fp16.
+    /// Their <c>attention_merge_states</c> serves <see cref="MergeStates{T}"/> for fp16, bf16 and fp32. Every
+    /// specialization holds all three decode kernels (a tensor-core kernel is a stub that traps where it does not apply,
+    /// e.g. <c>attention_decode_mma</c> at head dim 512). Every other shape compiles on demand.
     /// </summary>
     public static IReadOnlyList<KernelSpecialization> Specializations { get; } =
     [
@@ -48,6 +50,9 @@ public sealed class DecodeAttentionKernels
            from paged in new[] { true, false }
            select Specialize(new DecodeKey(dim, dim, type, type, paged, KvLayout.Nhd, RopeStyle.None, false)),
         Specialize(new DecodeKey(512, 512, AttentionElement.BFloat16, AttentionElement.BFloat16, true, KvLayout.Nhd, RopeStyle.None, false)),
+        .. from output in new[] { AttentionElement.BFloat16, AttentionElement.Float32 }
+           select Specialize(new DecodeKey(576, 512, AttentionElement.BFloat16, output, true, KvLayout.Nhd, RopeStyle.None, true)),
+        Specialize(new DecodeKey(576, 512, AttentionElement.Float16, AttentionElement.Float16, true, KvLayout.Nhd, RopeStyle.None, true)),
         Specialize(MergeKey(AttentionElement.Float32)),
     ];
 
@@ -192,24 +197,11 @@ public sealed class DecodeAttentionKernels
     {
         if (spec.Splits > 0) return spec.Splits;
         if (spec.BatchSize == 0 || longestRow == 0) return 1;
-        bool mma = Chooses(spec);
-        int sharedBytes, rowTiles;
-        if (mma)
-        {
-            var layout = new DecodeMmaLayout(spec.HeadDim, spec.ValueDim, spec.KeyReuse);
-            (_, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
-            sharedBytes = layout.SharedBytes;
-        }
-        else
-        {
-            var layout = new DecodeLayout(spec.HeadDim, spec.ValueDim, spec.Rope.Enabled, spec.KeyReuse);
-            (_, rowTiles) = layout.RowPlan(spec.QueryLength * spec.GroupSize);
-            sharedBytes = layout.SharedBytes;
-        }
-        long ctas = (long)spec.BatchSize * spec.NumKvHeads * rowTiles;
+        var shape = LaunchShapeOf(spec);
+        long ctas = (long)spec.BatchSize * spec.NumKvHeads * shape.RowTiles;
         var info = _device.Info;
-        int perSm = Math.Min(mma ? DecodeMmaCtasPerSm : DecodeCtasPerSm, Math.Min(info.MaxThreadsPerMultiprocessor / DecodeThreads,
-            info.SharedMemoryPerMultiprocessor / (sharedBytes + 1024)));
+        int perSm = Math.Min(shape.MaxCtasPerSm, Math.Min(info.MaxThreadsPerMultiprocessor / shape.Threads,
+            info.SharedMemoryPerMultiprocessor / (shape.SharedBytes + 1024)));
         long slots = (long)Math.Max(1, info.MultiprocessorCount) * Math.Max(1, perSm);
         if (ctas * 5 >= slots * 4) return 1;
         long visible = spec.Window > 0 ? Math.Min(longestRow, (long)spec.Sinks + spec.Window + spec.QueryLength - 1) : longestRow;
@@ -232,12 +224,14 @@ public sealed class DecodeAttentionKernels
     }
 
     /// <summary>
-    /// Whether the tensor-core kernel can compute <paramref name="spec"/> and has enough rows to pay: no on-the-fly RoPE,
-    /// Dk and Dv multiples of 16 up to 256, and q_len × group ≥ <see cref="TensorCoreMinRows"/>.
+    /// Whether a tensor-core kernel can compute <paramref name="spec"/> and it has enough rows to pay (q_len × group ≥
+    /// <see cref="TensorCoreMinRows"/>), without on-the-fly RoPE: <c>attention_decode_mma</c> for Dk and Dv multiples of
+    /// 16 up to 256; <c>attention_decode_mma_wide</c> for key reuse with a wider head (MLA: Dk ≤ 576 a multiple of 16,
+    /// Dv ≤ 512 a multiple of 32) when the device's shared memory holds its tiles (not on 99 KiB parts such as sm_89).
     /// </summary>
     /// <param name="spec">The call (not validated here).</param>
     public static bool UsesTensorCores(in DecodeAttentionSpec spec) =>
-        TensorCoresSupport(spec) && (long)spec.QueryLength * spec.GroupSize >= TensorCoreMinRows;
+        (TensorCoresSupport(spec) || WideSupport(spec)) && (long)spec.QueryLength * spec.GroupSize >= TensorCoreMinRows;
 
     /// <summary>The tensor-core kernel computes this call (its specialization is not a stub).</summary>
     internal static bool TensorCoresSupport(in DecodeAttentionSpec spec)
@@ -246,13 +240,62 @@ public sealed class DecodeAttentionKernels
         return !spec.Rope.Enabled && spec.HeadDim % 16 == 0 && spec.HeadDim <= 256 && dv % 16 == 0 && dv <= 256;
     }
 
-    /// <summary>The kernel this instance runs <paramref name="spec"/> with: true for the tensor-core kernel.</summary>
-    internal bool Chooses(in DecodeAttentionSpec spec) => KernelChoice switch
+    /// <summary>The wide tensor-core kernel computes this call (the same condition as <c>KVK_DECODE_WIDE</c>).</summary>
+    internal static bool WideSupport(in DecodeAttentionSpec spec) =>
+        !spec.Rope.Enabled && spec.KeyReuse && spec.HeadDim % 16 == 0 && spec.ValueDim % 32 == 0 && spec.ValueDim <= 512
+        && (spec.HeadDim > 256 || spec.ValueDim > 256);
+
+    /// <summary>The kernel this instance runs <paramref name="spec"/> with.</summary>
+    internal DecodeKernel Choose(in DecodeAttentionSpec spec)
     {
-        DecodeKernelChoice.CudaCores => false,
-        DecodeKernelChoice.TensorCores => TensorCoresSupport(spec),
-        _ => UsesTensorCores(spec),
-    };
+        var tensorCores = TensorCoresSupport(spec) ? DecodeKernel.TensorCores
+            : WideSupport(spec) && WideFits(spec) ? DecodeKernel.Wide
+            : DecodeKernel.CudaCores;
+        return KernelChoice switch
+        {
+            DecodeKernelChoice.CudaCores => DecodeKernel.CudaCores,
+            DecodeKernelChoice.TensorCores => tensorCores,
+            _ => (long)spec.QueryLength * spec.GroupSize >= TensorCoreMinRows ? tensorCores : DecodeKernel.CudaCores,
+        };
+    }
+
+    /// <summary>Whether the wide kernel's largest CTA fits the device's opt-in shared memory.</summary>
+    private bool WideFits(in DecodeAttentionSpec spec)
+    {
+        var layout = new DecodeWideLayout(spec.HeadDim, spec.InputType, spec.OutputType);
+        int rowGroups = layout.RowPlan(spec.QueryLength * spec.GroupSize).RowGroups;
+        return layout.SharedBytes(rowGroups) <= _device.Info.SharedMemoryPerBlockOptin;
+    }
+
+    /// <summary>How a call launches: kernel, token streams or row groups, row tiles, shared memory, threads, and the
+    /// most CTAs per SM its launch bounds plan registers for.</summary>
+    private readonly record struct LaunchShape(DecodeKernel Kernel, int Streams, int RowTiles, int SharedBytes, int Threads, int MaxCtasPerSm);
+
+    private LaunchShape LaunchShapeOf(in DecodeAttentionSpec spec)
+    {
+        int packedRows = spec.QueryLength * spec.GroupSize;
+        switch (Choose(spec))
+        {
+            case DecodeKernel.TensorCores:
+            {
+                var layout = new DecodeMmaLayout(spec.HeadDim, spec.ValueDim, spec.KeyReuse);
+                var (streams, rowTiles) = layout.RowPlan(packedRows);
+                return new(DecodeKernel.TensorCores, streams, rowTiles, layout.SharedBytes, DecodeThreads, DecodeMmaCtasPerSm);
+            }
+            case DecodeKernel.Wide:
+            {
+                var layout = new DecodeWideLayout(spec.HeadDim, spec.InputType, spec.OutputType);
+                var (rowGroups, rowTiles) = layout.RowPlan(packedRows);
+                return new(DecodeKernel.Wide, rowGroups, rowTiles, layout.SharedBytes(rowGroups), 64 * rowGroups, 8 / rowGroups);
+            }
+            default:
+            {
+                var layout = new DecodeLayout(spec.HeadDim, spec.ValueDim, spec.Rope.Enabled, spec.KeyReuse);
+                var (streams, rowTiles) = layout.RowPlan(packedRows);
+                return new(DecodeKernel.CudaCores, streams, rowTiles, layout.SharedBytes, DecodeThreads, DecodeCtasPerSm);
+            }
+        }
+    }
 
     /// <summary>Merges two attention states (cascade attention, split-KV, several cache formats); see <see cref="MergeStatesSpec"/>.</summary>
     /// <param name="spec">Rows and head dim.</param>
@@ -297,14 +340,10 @@ public sealed class DecodeAttentionKernels
     {
         if (spec.OutputElements == 0) return;   // B = 0: nothing to write
 
-        var key = KeyOf(spec);
-        var module = Module(key);
-        bool mma = Chooses(spec);
-        int packedRows = spec.QueryLength * spec.GroupSize;
-        var (streams, rowTiles) = mma ? module.MmaLayout.RowPlan(packedRows) : module.Layout.RowPlan(packedRows);
-        int sharedBytes = mma ? module.MmaLayout.SharedBytes : module.Layout.SharedBytes;
+        var module = Module(KeyOf(spec));
+        var shape = LaunchShapeOf(spec);
         int splits = workspace is null ? 1 : Math.Min(Plan(spec, longestRow), workspace.MaxSplits);
-        long grid = (long)spec.BatchSize * spec.NumKvHeads * splits * rowTiles;
+        long grid = (long)spec.BatchSize * spec.NumKvHeads * splits * shape.RowTiles;
         if (grid > int.MaxValue) throw new ArgumentException($"The call needs {grid} CTAs; at most 2^31 − 1 are supported.", nameof(spec));
 
         var args = new KernelArguments();
@@ -337,10 +376,16 @@ public sealed class DecodeAttentionKernels
         args.Add(spec.RotaryDim);
         args.Add(spec.Rope.Theta);
         args.Add(splits);
-        args.Add(streams);
-        args.Add(rowTiles);
-        args.Add(sharedBytes);
-        (mma ? module.DecodeMma : module.Decode).Launch(new Dim3((uint)grid), DecodeThreads, sharedBytes, stream, ref args);
+        args.Add(shape.Streams);
+        args.Add(shape.RowTiles);
+        args.Add(shape.SharedBytes);
+        var kernel = shape.Kernel switch
+        {
+            DecodeKernel.TensorCores => module.DecodeMma,
+            DecodeKernel.Wide => module.DecodeWide,
+            _ => module.Decode,
+        };
+        kernel.Launch(new Dim3((uint)grid), (uint)shape.Threads, shape.SharedBytes, stream, ref args);
         if (splits == 1) return;
 
         int rows = (int)spec.LseElements;
@@ -369,8 +414,7 @@ public sealed class DecodeAttentionKernels
         {
             var loaded = _device.LoadModule(Specialize(k));
             return new DecodeModule(loaded.GetKernel(EntryPoints[0]), loaded.GetKernel(EntryPoints[1]), loaded.GetKernel(EntryPoints[2]),
-                loaded.GetKernel(EntryPoints[3]), new DecodeLayout(k.HeadDim, k.ValueDim, k.Rope != RopeStyle.None, k.KeyReuse),
-                new DecodeMmaLayout(k.HeadDim, k.ValueDim, k.KeyReuse));
+                loaded.GetKernel(EntryPoints[3]), loaded.GetKernel(EntryPoints[4]));
         });
     }
 
@@ -428,8 +472,41 @@ public sealed class DecodeAttentionKernels
     private readonly record struct DecodeKey(int HeadDim, int ValueDim, AttentionElement Input, AttentionElement Output, bool Paged,
         KvLayout Layout, RopeStyle Rope, bool KeyReuse);
 
-    private sealed record DecodeModule(CudaKernel Decode, CudaKernel MergeSplits, CudaKernel MergeStates, CudaKernel DecodeMma,
-        DecodeLayout Layout, DecodeMmaLayout MmaLayout);
+    private sealed record DecodeModule(CudaKernel Decode, CudaKernel MergeSplits, CudaKernel MergeStates, CudaKernel DecodeMma, CudaKernel DecodeWide);
+}
+
+/// <summary>The decode kernels.</summary>
+internal enum DecodeKernel
+{
+    /// <summary><c>attention_decode</c>.</summary>
+    CudaCores,
+    /// <summary><c>attention_decode_mma</c>.</summary>
+    TensorCores,
+    /// <summary><c>attention_decode_mma_wide</c>.</summary>
+    Wide,
+}
+
+/// <summary>
+/// The wide tensor-core kernel's shared memory for one specialization and row-group count: the same formulas as the
+/// <c>w*</c> enum and <c>wide_shared_bytes</c> in <c>cuda/attention/decode.cu</c> (the kernel traps on a mismatch).
+/// </summary>
+internal readonly record struct DecodeWideLayout(int HeadDim, AttentionElement Input, AttentionElement Output)
+{
+    private int Stride => HeadDim / 8 + 1;
+
+    /// <summary>P terms (the mma kernel's mPTerms): fp32 output 2 (fp16) or 3 (bf16); else 1 (fp16) or 2 (bf16).</summary>
+    private int Terms => Output == AttentionElement.Float32 ? (Input == AttentionElement.BFloat16 ? 3 : 2) : (Input == AttentionElement.BFloat16 ? 2 : 1);
+
+    public int SharedBytes(int rowGroups) =>
+        rowGroups * 16 * Stride * 16 + 2 * 32 * 8 + 2 * 32 * Stride * 16 + rowGroups * (2 * 16 * 4 + 2 * Terms * 32 * 16);
+
+    /// <summary>Warp pairs per CTA (1, 2 or 4: the power of two covering the rows' 16-row tiles, at most 4) and row tiles.</summary>
+    public (int RowGroups, int RowTiles) RowPlan(int packedRows)
+    {
+        int warpTiles = (packedRows + 15) / 16;
+        int rowGroups = warpTiles <= 1 ? 1 : warpTiles == 2 ? 2 : 4;
+        return (rowGroups, Math.Max(1, (packedRows + 16 * rowGroups - 1) / (16 * rowGroups)));
+    }
 }
 
 /// <summary>Which decode kernel <see cref="DecodeAttentionKernels"/> runs.</summary>
@@ -439,7 +516,7 @@ internal enum DecodeKernelChoice
     Auto,
     /// <summary>Always the CUDA-core kernel.</summary>
     CudaCores,
-    /// <summary>The tensor-core kernel whenever it supports the call, whatever the row count.</summary>
+    /// <summary>A tensor-core kernel (the wide one for wide key-reuse heads) whenever one supports the call, whatever the row count.</summary>
     TensorCores,
 }
 

@@ -8,6 +8,9 @@ namespace KvKernels.Mla;
 /// Latent decode attention on the GPU: the op of <see cref="MlaAttentionSpec"/> (decode attention with one KV head of
 /// RowDim, values the first LatentDim columns of each cached row, read from the same load). Same validation and
 /// function as <see cref="MlaCpu.Attend{TIn, TOut}"/>; split-KV with a <see cref="DecodeAttentionWorkspace"/>.
+/// It runs on decode attention's wide tensor-core kernel (<c>attention_decode_mma_wide</c>: warp pairs split the 512
+/// output columns, up to 64 query heads share every cache byte a CTA loads) when q_len × H ≥ 8 and the device's
+/// opt-in shared memory holds the tiles (about 160 KiB for 64 heads: A100, H100; not sm_89), else on its CUDA-core kernel.
 /// Calls are stream-ordered, never synchronise and allocate nothing once the kernels are loaded.
 /// </summary>
 public sealed class MlaAttentionKernels
@@ -20,6 +23,17 @@ public sealed class MlaAttentionKernels
         ArgumentNullException.ThrowIfNull(device);
         _decode = new DecodeAttentionKernels(device);
     }
+
+    /// <summary>Which decode kernel calls use; tests force either (the default picks the wide tensor-core kernel when the
+    /// rows and the device's shared memory allow, see <see cref="DecodeAttentionKernels.UsesTensorCores"/>).</summary>
+    internal DecodeKernelChoice KernelChoice
+    {
+        get => _decode.KernelChoice;
+        set => _decode.KernelChoice = value;
+    }
+
+    /// <summary>The decode kernel a call with <paramref name="spec"/> runs on this device.</summary>
+    internal DecodeKernel KernelFor(in MlaAttentionSpec spec) => _decode.Choose(spec.ToDecodeAttention());
 
     /// <summary>Latent attention over a paged latent pool.</summary>
     /// <param name="spec">Shapes, types, storage (paged).</param>

@@ -33,33 +33,41 @@ public sealed class MlaAttentionKernelsTests(Backends backends)
         new("h16-q1-split3", Spec(16, 1, KvCacheShape.Paged(12, 64, 12), Bf16, F32, splits: 3), [700]),
     ];
 
-    public static TheoryData<string, int> CaseIndices
+    public static TheoryData<string, int, string> CaseIndices
     {
         get
         {
-            var data = new TheoryData<string, int>();
+            var data = new TheoryData<string, int, string>();
             foreach (var backend in Backends.All)
-                for (int i = 0; i < Cases.Count; i++) data.Add(backend, i);
+                for (int i = 0; i < Cases.Count; i++)
+                    foreach (var kernel in new[] { "cuda-cores", "tensor-cores" }) data.Add(backend, i, kernel);
             return data;
         }
     }
 
     [Theory]
     [MemberData(nameof(CaseIndices))]
-    public void Attend_MatchesOracle(string backend, int caseIndex)
+    public void Attend_MatchesOracle(string backend, int caseIndex, string kernel)
     {
         var device = backends.Get(backend);
         var c = Cases[caseIndex];
         var spec = c.Spec with { BatchSize = c.Lengths.Length };
+        var ops = new MlaAttentionKernels(device)
+        {
+            KernelChoice = kernel == "tensor-cores" ? DecodeKernelChoice.TensorCores : DecodeKernelChoice.CudaCores,
+        };
+        Assert.Equal(kernel == "tensor-cores" ? DecodeKernel.Wide : DecodeKernel.CudaCores, ops.KernelFor(spec));
+        Assert.True(DecodeAttentionKernels.UsesTensorCores(spec.ToDecodeAttention()), "every MLA case here has enough rows for the tensor cores");
         switch (spec.InputType, spec.OutputType)
         {
-            case (F16, F16): Check<Half, Half>(device, spec, c); break;
-            case (Bf16, Bf16): Check<BFloat16, BFloat16>(device, spec, c); break;
-            default: Check<BFloat16, float>(device, spec, c); break;
+            case (F16, F16): Check<Half, Half>(device, ops, spec, c); break;
+            case (Bf16, Bf16): Check<BFloat16, BFloat16>(device, ops, spec, c); break;
+            default: Check<BFloat16, float>(device, ops, spec, c); break;
         }
     }
 
-    private static void Check<TIn, TOut>(CudaDevice device, MlaAttentionSpec spec, MlaCase c) where TIn : unmanaged where TOut : unmanaged
+    private static void Check<TIn, TOut>(CudaDevice device, MlaAttentionKernels ops, MlaAttentionSpec spec, MlaCase c)
+        where TIn : unmanaged where TOut : unmanaged
     {
         var attention = spec.ToDecodeAttention();
         var data = AttentionData<TIn>.Create(attention, new Random(c.Name.Length * 31 + c.Lengths.Sum()), c.Lengths);
@@ -69,7 +77,6 @@ public sealed class MlaAttentionKernelsTests(Backends backends)
         using var output = device.Allocate<TOut>(AttentionElements.Poisoned<TOut>(spec.LatentOutputElements));
         using var lse = device.Allocate<float>(AttentionElements.Poisoned<float>(attention.LseElements));
         using var workspace = new DecodeAttentionWorkspace(device, attention.LseElements, spec.Shape.LatentDim, maxSplits: 8);
-        var ops = new MlaAttentionKernels(device);
         if (spec.Cache.IsPaged)
         {
             using var table = new DeviceBlockTable(device, spec.BatchSize, spec.Cache.MaxPagesPerSequence);
