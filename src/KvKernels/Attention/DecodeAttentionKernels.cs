@@ -14,11 +14,12 @@ namespace KvKernels.Attention;
 /// nothing once the kernels are loaded.
 /// </summary>
 /// <remarks>
-/// Two decode kernels compute the same function: <c>attention_decode</c> (CUDA cores) and <c>attention_decode_mma</c>
-/// (tensor cores, query rows packed into the MMA's M dimension). A call uses the tensor-core kernel when
-/// <see cref="UsesTensorCores"/> says so: no on-the-fly RoPE, head dims (Dk and Dv) multiples of 16 up to 256, and at
-/// least <see cref="TensorCoreMinRows"/> query rows per KV head (q_len × group), where the CUDA-core kernel runs out of
-/// issue slots (research/kernel_techniques.md §1.1, §1.5).
+/// Three decode kernels compute the same function: <c>attention_decode</c> (CUDA cores), <c>attention_decode_mma</c>
+/// (tensor cores, query rows packed into the MMA's M dimension; Dk, Dv ≤ 256) and <c>attention_decode_mma_wide</c>
+/// (tensor cores for key reuse with wider heads, MLA's 576/512: warp pairs split the output columns). A call uses a
+/// tensor-core kernel when <see cref="UsesTensorCores"/> says so: no on-the-fly RoPE, a head shape one of them takes,
+/// and at least <see cref="TensorCoreMinRows"/> query rows per KV head (q_len × group), where the CUDA-core kernel runs
+/// out of issue slots (research/kernel_techniques.md §1.1, §1.5).
 /// </remarks>
 public sealed class DecodeAttentionKernels
 {
@@ -286,7 +287,8 @@ public sealed class DecodeAttentionKernels
             {
                 var layout = new DecodeWideLayout(spec.HeadDim, spec.InputType, spec.OutputType);
                 var (rowGroups, rowTiles) = layout.RowPlan(packedRows);
-                return new(DecodeKernel.Wide, rowGroups, rowTiles, layout.SharedBytes(rowGroups), 64 * rowGroups, 8 / rowGroups);
+                // __launch_bounds__(256, 1) lets it take ~244 registers: 65536 / (64 · rowGroups · 244) CTAs fit an SM.
+                return new(DecodeKernel.Wide, rowGroups, rowTiles, layout.SharedBytes(rowGroups), 64 * rowGroups, 4 / rowGroups);
             }
             default:
             {

@@ -90,6 +90,40 @@ public sealed unsafe class CublasHandle : IDisposable
             cublasComputeType_t.CUBLAS_COMPUTE_32F, CublasApi.CUBLAS_GEMM_DEFAULT));
     }
 
+    /// <summary>
+    /// Dense column-major GEMM <c>C (m × n) = A (m × k) · B (k × n)</c> with fp32 accumulation, leading dimensions m, k
+    /// and m: fp16 or bf16 inputs (<typeparamref name="TIn"/>), output of the input type or fp32. KvCheck times it as the
+    /// device's dense rate next to the MLA rows; engines have their own GEMMs.
+    /// </summary>
+    /// <exception cref="ArgumentException">A dimension below 1, an unsupported element type, a span too short or on
+    /// another device.</exception>
+    public void Gemm<TIn, TOut>(int m, int n, int k, DeviceSpan<TIn> a, DeviceSpan<TIn> b, DeviceSpan<TOut> c, CudaStream? stream = null)
+        where TIn : unmanaged where TOut : unmanaged
+    {
+        if (m < 1 || n < 1 || k < 1) throw new ArgumentException($"The dimensions are {m} × {n} × {k}; expected each ≥ 1.", nameof(m));
+        var inType = TypeOf<TIn>(nameof(a), allowFloat: false);
+        var outType = TypeOf<TOut>(nameof(c), allowFloat: true);
+        if (outType != cudaDataType_t.CUDA_R_32F && outType != inType)
+            throw new ArgumentException($"c has element type {typeof(TOut).Name}; expected {typeof(TIn).Name} or float.", nameof(c));
+        Check(a, (long)m * k, nameof(a));
+        Check(b, (long)k * n, nameof(b));
+        Check(c, (long)m * n, nameof(c));
+        GemmStridedBatched(cublasOperation_t.CUBLAS_OP_N, cublasOperation_t.CUBLAS_OP_N, m, n, k, 1f, a.Pointer, inType, m, 0,
+            b.Pointer, inType, k, 0, 0f, c.Pointer, outType, m, 0, 1, stream);
+
+        void Check<T>(DeviceSpan<T> span, long needed, string name) where T : unmanaged
+        {
+            Device.EnsureSame(span.Device, name);
+            if (span.Length < needed) throw new ArgumentException($"{name} has {span.Length} elements; expected at least {needed}.", name);
+        }
+    }
+
+    private static cudaDataType_t TypeOf<T>(string name, bool allowFloat) where T : unmanaged =>
+        typeof(T) == typeof(Half) ? cudaDataType_t.CUDA_R_16F
+        : typeof(T) == typeof(BFloat16) ? cudaDataType_t.CUDA_R_16BF
+        : allowFloat && typeof(T) == typeof(float) ? cudaDataType_t.CUDA_R_32F
+        : throw new ArgumentException($"{name} has element type {typeof(T).Name}; expected Half or BFloat16{(allowFloat ? " (or float)" : "")}.", name);
+
     /// <summary>Destroys the handle.</summary>
     public void Dispose()
     {

@@ -50,6 +50,31 @@ public sealed class MlaAbsorbKernelsTests(Backends backends)
         }
     }
 
+    [Fact]
+    public void CublasGemm_MatchesAHostProduct()
+    {
+        var device = backends.Get("cuda");
+        if (!Cublas.IsAvailable) Assert.Skip("cuBLAS is not installed: " + Cublas.UnavailableReason);
+        const int m = 37, n = 19, k = 64;
+        var rng = new Random(3);
+        var a = Values<BFloat16>(rng, m * k, 1f);
+        var b = Values<BFloat16>(rng, k * n, 1f);
+        using var dA = device.Allocate<BFloat16>(a);
+        using var dB = device.Allocate<BFloat16>(b);
+        using var dC = device.Allocate<float>(AttentionElements.Poisoned<float>(m * n));
+        using var cublas = new CublasHandle(device);
+        cublas.Gemm(m, n, k, dA.Span, dB.Span, dC.Span);
+        var c = dC.ToArray();
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++)
+            {
+                double expected = 0;
+                for (int p = 0; p < k; p++) expected += (double)(float)a[p * m + i] * (float)b[j * k + p];   // column-major
+                Assert.True(Math.Abs(c[j * m + i] - expected) <= 1e-4 * (1 + Math.Abs(expected)), $"C[{i}, {j}] = {c[j * m + i]}, expected {expected}");
+            }
+        Assert.Throws<ArgumentException>(() => cublas.Gemm(m, n, k, dA.Span.Slice(1), dB.Span, dC.Span));
+    }
+
     private static void Check<TIn, TOut>(CudaDevice device, MlaAbsorbKernels ops, MlaAttentionSpec spec, double outputUlp)
         where TIn : unmanaged where TOut : unmanaged
     {

@@ -88,12 +88,20 @@ internal static class BenchCommand
             bandwidthKind = $"{copy.Kind}, {Ui.Bytes(copy.BufferBytes)} buffers, median of {copy.Runs}";
             Ui.Line($"copy bandwidth: {copy}");
             using var timer = new GpuTimer(gpu, stream, copy.GBs);
+            double? dense = null;
+            if (GpuCases(quick).Where(Selected).Any(c => c.Flops > 0))
+            {
+                dense = Ui.WithStatus("Measuring the dense bf16 rate (cuBLAS) …", _ => BandwidthProbe.MeasureDenseBf16(gpu, stream));
+                Ui.Line(dense is { } d ? $"dense bf16: {Ui.F(d, 1)} TFLOP/s (cuBLAS 8192³ GEMM, median of 10)" : "dense bf16 rate: not measured (no cuBLAS)");
+            }
             int seed = 1;
             foreach (var c in GpuCases(quick).Where(Selected))
             {
                 using (c)
                 {
                     var row = Ui.WithStatus($"cuda {c.Op} {c.Shape} …", _ => TimeGpu(gpu, stream, timer, c, copy.GBs, quick, seed++), plainProgress: false);
+                    if (row.Tflops is { } tf && dense is { } rate)
+                        row = row with { Note = Join(row.Note, $"{Ui.Floor(100 * tf / rate, 1)} % of dense bf16 ({Ui.F(rate, 1)} TFLOP/s, same run)") };
                     rows.Add(row);
                     if (row.Note?.StartsWith("error", StringComparison.Ordinal) == true) errors++;
                     Progress(row);

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using KvKernels;
 using KvKernels.Cuda;
 
 namespace KvCheck.Probes;
@@ -60,6 +61,37 @@ internal static class BandwidthProbe
             foreach (var e in starts) e?.Dispose();
             foreach (var e in ends) e?.Dispose();
         }
+    }
+
+    /// <summary>
+    /// The device's dense bf16 rate in TFLOP/s: cuBLAS bf16 GEMMs of 8192³ (fp32 accumulation, bf16 output), 3 warm-up
+    /// calls, then the median of <paramref name="runs"/> event-timed calls; null without cuBLAS. The yardstick of rows
+    /// that report TFLOP/s (MLA decode with many heads is compute-bound).
+    /// </summary>
+    public static double? MeasureDenseBf16(CudaDevice device, CudaStream stream, int runs = 10)
+    {
+        if (!Cublas.IsAvailable) return null;
+        const int n = 8192;
+        using var cublas = new CublasHandle(device);
+        using var a = device.Allocate<BFloat16>((long)n * n);
+        using var b = device.Allocate<BFloat16>((long)n * n);
+        using var c = device.Allocate<BFloat16>((long)n * n);
+        a.Span.FillBytes(0x3C, stream);   // 0x3C3C ≈ 0.0115: finite, no overflow over 8192 terms
+        b.Span.FillBytes(0x3C, stream);
+        for (int i = 0; i < 3; i++) cublas.Gemm(n, n, n, a.Span, b.Span, c.Span, stream);
+        stream.Synchronize();
+        var seconds = new double[runs];
+        using var start = device.CreateEvent();
+        using var end = device.CreateEvent();
+        for (int i = 0; i < runs; i++)
+        {
+            start.Record(stream);
+            cublas.Gemm(n, n, n, a.Span, b.Span, c.Span, stream);
+            end.Record(stream);
+            end.Synchronize();
+            seconds[i] = CudaEvent.ElapsedMilliseconds(start, end) / 1e3;
+        }
+        return 2.0 * n * n * n / Statistics.Median(seconds) / 1e12;
     }
 
     /// <summary>The host buffer size: at least 256 MiB and 4× the last-level cache, at most 1 GiB.</summary>
