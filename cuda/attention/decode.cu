@@ -86,6 +86,8 @@
 static_assert(HEAD_DIM % 8 == 0 && HEAD_DIM >= 8 && HEAD_DIM <= 576, "HEAD_DIM must be a multiple of 8 in 8..576");
 static_assert(VALUE_DIM % 8 == 0 && VALUE_DIM >= 8 && VALUE_DIM <= 576, "VALUE_DIM must be a multiple of 8 in 8..576");
 static_assert(INPUT_BF16 == 0 || INPUT_BF16 == 1, "INPUT_BF16 must be 0 or 1");
+
+#include "common/kvk_input.cuh"   // after INPUT_BF16 has its default
 static_assert(OUT_TYPE >= 0 && OUT_TYPE <= 2, "OUT_TYPE must be 0 (fp16), 1 (bf16) or 2 (fp32)");
 static_assert(PAGED == 0 || PAGED == 1, "PAGED must be 0 or 1");
 static_assert(KV_LAYOUT_HND == 0 || KV_LAYOUT_HND == 1, "KV_LAYOUT_HND must be 0 or 1");
@@ -183,15 +185,6 @@ KVK_INLINE void unpack8(const kvk_v16& v, float (&f)[8])
     kvk_unpack_f16x2(v.y, f[2], f[3]);
     kvk_unpack_f16x2(v.z, f[4], f[5]);
     kvk_unpack_f16x2(v.w, f[6], f[7]);
-#endif
-}
-
-KVK_INLINE float in_to_float(kvk_u16 bits)
-{
-#if INPUT_BF16
-    return kvk_bf16_bits_to_f32_soft(bits);
-#else
-    return kvk_f16_to_f32(kvk_f16{bits});
 #endif
 }
 
@@ -643,7 +636,7 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
                 kvk_sincos_accurate(angle, sn, cs);
                 const int a = ROPE_STYLE == 1 ? (int)i : 2 * (int)i;
                 const int bIdx = ROPE_STYLE == 1 ? (int)i + halfRotary : 2 * (int)i + 1;
-                const float x = in_to_float(raw[token * kDk + a]), y = in_to_float(raw[token * kDk + bIdx]);
+                const float x = kvk_in_to_float(raw[token * kDk + a]), y = kvk_in_to_float(raw[token * kDk + bIdx]);
                 float* dst = kRot + token * (kKStride * 4);
                 dst[a] = x * cs - y * sn;
                 dst[bIdx] = x * sn + y * cs;
@@ -651,7 +644,7 @@ extern "C" __global__ __launch_bounds__(128, 3) void attention_decode(
             for (int c = tid; c < kTile * plainDims; c += kThreads) {
                 kvk_u32 token, d;
                 plainDiv.divmod((kvk_u32)c, token, d);
-                kRot[token * (kKStride * 4) + rotaryDim + (int)d] = in_to_float(raw[token * kDk + rotaryDim + (int)d]);
+                kRot[token * (kKStride * 4) + rotaryDim + (int)d] = kvk_in_to_float(raw[token * kDk + rotaryDim + (int)d]);
             }
             __syncthreads();
         }
@@ -906,22 +899,17 @@ KVK_INLINE void mma16816(float (&acc)[4], const kvk_u32 (&a)[4], kvk_u32 b0, kvk
 #endif
 }
 
-KVK_INLINE kvk_u32 pack_in(float lo, float hi)
+// The CTA's query rows rowBase .. rowBase + rows - 1 -> shared memory in the input type, `stride` 16-byte units
+// per row (rows past the end are zeros), for the tensor-core kernels' ldmatrix.
+KVK_INLINE void load_query_tile(kvk_u8* qTile, int stride, int rows, int rowBase, const decode_cta& cta, const in_t* query, int tid, int threads)
 {
-#if INPUT_BF16
-    return kvk_pack_bf16x2(lo, hi);
-#else
-    return kvk_pack_f16x2(lo, hi);
-#endif
-}
-
-KVK_INLINE void unpack_in(kvk_u32 v, float& lo, float& hi)
-{
-#if INPUT_BF16
-    kvk_unpack_bf16x2(v, lo, hi);
-#else
-    kvk_unpack_f16x2(v, lo, hi);
-#endif
+    for (int c = tid; c < rows * (kDk / 8); c += threads) {
+        const int r = c / (kDk / 8), u = c % (kDk / 8);
+        const int pr = rowBase + r;
+        kvk_v16 v = {0u, 0u, 0u, 0u};
+        if (pr < cta.packedRows) v = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(query + cta.global_row(pr) * kDk + u * 8));
+        *reinterpret_cast<kvk_v16*>(qTile + (r * stride + u) * 16) = v;
+    }
 }
 
 // The next term of P: the A fragment {row g: tokens 0-7, row g+8: 0-7, row g: 8-15, row g+8: 8-15} (S's two n8
@@ -932,10 +920,10 @@ KVK_INLINE void take_term(float (&sc)[2][4], kvk_u32 (&pa)[4], bool more)
     for (int f = 0; f < 4; ++f) {
         float& lo = sc[f >> 1][2 * (f & 1)];
         float& hi = sc[f >> 1][2 * (f & 1) + 1];
-        pa[f] = pack_in(lo, hi);
+        pa[f] = kvk_in_pack2(lo, hi);
         if (more) {
             float rlo, rhi;
-            unpack_in(pa[f], rlo, rhi);
+            kvk_in_unpack2(pa[f], rlo, rhi);
             lo -= rlo;
             hi -= rhi;
         }
@@ -992,14 +980,7 @@ extern "C" __global__ __launch_bounds__(128, 2) void attention_decode_mma(
     const int rowBase = cta.rowTile * ctaRows;
     const int wr = warp / tokenStreams, wt = warp % tokenStreams;
 
-    // ---- query rows -> shared memory in the input type (rows past the end are zeros)
-    for (int c = tid; c < ctaRows * (kDk / 8); c += mThreads) {
-        const int r = c / (kDk / 8), u = c % (kDk / 8);
-        const int pr = rowBase + r;
-        kvk_v16 v = {0u, 0u, 0u, 0u};
-        if (pr < packedRows) v = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(query + cta.global_row(pr) * kDk + u * 8));
-        *reinterpret_cast<kvk_v16*>(qTile + (r * mQStride + u) * 16) = v;
-    }
+    load_query_tile(qTile, mQStride, ctaRows, rowBase, cta, query, tid, mThreads);
 
     const decode_chunk chunk(token_list(length, queryLength, window, sinks), split, splits, mTile);
     const token_list& list = chunk.list;
@@ -1271,14 +1252,7 @@ extern "C" __global__ __launch_bounds__(256, 1) void attention_decode_mma_wide(
     const int split = cta.split, packedRows = cta.packedRows;
     const int rowBase = cta.rowTile * rowGroups * 16;
 
-    // ---- query rows -> shared memory in the input type (rows past the end are zeros)
-    for (int c = tid; c < rowGroups * 16 * (kDk / 8); c += threads) {
-        const int r = c / (kDk / 8), u = c % (kDk / 8);
-        const int pr = rowBase + r;
-        kvk_v16 v = {0u, 0u, 0u, 0u};
-        if (pr < packedRows) v = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(query + cta.global_row(pr) * kDk + u * 8));
-        *reinterpret_cast<kvk_v16*>(qTile + (r * wKStride + u) * 16) = v;
-    }
+    load_query_tile(qTile, wKStride, rowGroups * 16, rowBase, cta, query, tid, threads);
 
     const decode_chunk chunk(token_list(length, queryLength, window, sinks), split, splits, wTile);
     const token_list& list = chunk.list;

@@ -42,6 +42,8 @@ static_assert(ROPE_DIM % 2 == 0 && ROPE_DIM >= 2 && ROPE_DIM <= 64, "ROPE_DIM mu
 static_assert(NOPE_DIM % 8 == 0 && NOPE_DIM <= 256 && VALUE_DIM % 8 == 0 && VALUE_DIM <= 256, "NOPE_DIM, VALUE_DIM: multiples of 8 up to 256");
 static_assert(OUT_TYPE >= 0 && OUT_TYPE <= 2, "OUT_TYPE must be 0, 1 or 2");
 
+#include "common/kvk_input.cuh"   // after INPUT_BF16 has its default
+
 namespace kvk_mla_absorb {
 
 enum : int {
@@ -52,33 +54,6 @@ enum : int {
     kAbsorbColumns = 2 * kAbsorbThreads,
     kUnabsorbWarps = 8,               // one output column per warp
 };
-
-KVK_INLINE float in_to_float(kvk_u16 bits)
-{
-#if INPUT_BF16
-    return kvk_bf16_bits_to_f32_soft(bits);
-#else
-    return kvk_f16_to_f32(kvk_f16{bits});
-#endif
-}
-
-KVK_INLINE void unpack_in(kvk_u32 v, float& lo, float& hi)
-{
-#if INPUT_BF16
-    kvk_unpack_bf16x2(v, lo, hi);
-#else
-    kvk_unpack_f16x2(v, lo, hi);
-#endif
-}
-
-KVK_INLINE kvk_u32 pack_in(float lo, float hi)
-{
-#if INPUT_BF16
-    return kvk_pack_bf16x2(lo, hi);
-#else
-    return kvk_pack_f16x2(lo, hi);
-#endif
-}
 
 // q_pe rows [m0, m0 + rows) of head h -> the tails of their packed query rows (ROPE_DIM / 2 pairs per row).
 KVK_INLINE void copy_rope(const kvk_u32* qPe, kvk_u32* query, kvk_i64 firstRow, int rows, int rowStep, int tid, int threads)
@@ -107,7 +82,7 @@ extern "C" __global__ __launch_bounds__(128) void mla_absorb_query(
 
     for (int i = tid; i < rows * NOPE_DIM; i += kAbsorbThreads) {
         const int r = i / NOPE_DIM, d = i % NOPE_DIM;
-        x[r][d] = in_to_float(queryNope[((kvk_i64)(m0 + r) * heads + h) * NOPE_DIM + d]);
+        x[r][d] = kvk_in_to_float(queryNope[((kvk_i64)(m0 + r) * heads + h) * NOPE_DIM + d]);
     }
     if (blockIdx.x == 0)
         copy_rope(reinterpret_cast<const kvk_u32*>(queryRope), reinterpret_cast<kvk_u32*>(query), (kvk_i64)m0 * heads + h, rows, heads,
@@ -123,7 +98,7 @@ extern "C" __global__ __launch_bounds__(128) void mla_absorb_query(
 #pragma unroll 4
     for (int d = 0; d < NOPE_DIM; ++d) {
         float w0, w1;
-        unpack_in(w[d * (LATENT_DIM / 2)], w0, w1);
+        kvk_in_unpack2(w[d * (LATENT_DIM / 2)], w0, w1);
         KVK_UNROLL
         for (int r = 0; r < kRows; ++r) {
             acc[r][0] = fmaf(x[r][d], w0, acc[r][0]);
@@ -133,7 +108,7 @@ extern "C" __global__ __launch_bounds__(128) void mla_absorb_query(
     KVK_UNROLL
     for (int r = 0; r < kRows; ++r)
         if (r < rows)
-            reinterpret_cast<kvk_u32*>(query)[(((kvk_i64)(m0 + r) * heads + h) * kRowDim + c) / 2] = pack_in(acc[r][0], acc[r][1]);
+            reinterpret_cast<kvk_u32*>(query)[(((kvk_i64)(m0 + r) * heads + h) * kRowDim + c) / 2] = kvk_in_pack2(acc[r][0], acc[r][1]);
 }
 
 // grid (ceil(VALUE_DIM / 8), H, ceil(M / kRows)), 256 threads. Warp w computes output column d = 8 * blockIdx.x + w:
@@ -150,7 +125,7 @@ extern "C" __global__ __launch_bounds__(256) void mla_unabsorb(
 
     for (int i = tid; i < rows * LATENT_DIM; i += kUnabsorbWarps * 32) {
         const int r = i / LATENT_DIM, c = i % LATENT_DIM;
-        o[r][c] = in_to_float(latentOutput[((kvk_i64)(m0 + r) * heads + h) * LATENT_DIM + c]);
+        o[r][c] = kvk_in_to_float(latentOutput[((kvk_i64)(m0 + r) * heads + h) * LATENT_DIM + c]);
     }
     __syncthreads();
 
@@ -165,7 +140,7 @@ extern "C" __global__ __launch_bounds__(256) void mla_unabsorb(
         const int c = 2 * lane + 64 * k;
         if (LATENT_DIM % 64 != 0 && c >= LATENT_DIM) break;   // a latent dim of 32 mod 64: half the lanes idle last
         float w0, w1;
-        unpack_in(w[c / 2], w0, w1);
+        kvk_in_unpack2(w[c / 2], w0, w1);
         KVK_UNROLL
         for (int r = 0; r < kRows; ++r) acc[r] = fmaf(o[r][c + 1], w1, fmaf(o[r][c], w0, acc[r]));
     }

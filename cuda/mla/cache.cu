@@ -40,6 +40,8 @@ static_assert(LATENT_DIM % 32 == 0 && LATENT_DIM >= 32 && LATENT_DIM <= 512, "LA
 static_assert(ROPE_DIM % 16 == 0 && ROPE_DIM >= 16 && ROPE_DIM <= 64, "ROPE_DIM must be a multiple of 16 in 16..64");
 static_assert(ROPE_STYLE >= 0 && ROPE_STYLE <= 2, "ROPE_STYLE must be 0, 1 or 2");
 
+#include "common/kvk_input.cuh"   // after INPUT_BF16 has its default
+
 namespace kvk_mla_cache {
 
 enum : int {
@@ -48,42 +50,6 @@ enum : int {
     kPairsPerLane = (kLatentPairs + 31) / 32,
     kWarps = 8,
 };
-
-KVK_INLINE void unpack_in(kvk_u32 v, float& lo, float& hi)
-{
-#if INPUT_BF16
-    kvk_unpack_bf16x2(v, lo, hi);
-#else
-    kvk_unpack_f16x2(v, lo, hi);
-#endif
-}
-
-KVK_INLINE kvk_u32 pack_in(float lo, float hi)
-{
-#if INPUT_BF16
-    return kvk_pack_bf16x2(lo, hi);
-#else
-    return kvk_pack_f16x2(lo, hi);
-#endif
-}
-
-KVK_INLINE float in_to_float(kvk_u16 bits)
-{
-#if INPUT_BF16
-    return kvk_bf16_bits_to_f32_soft(bits);
-#else
-    return kvk_f16_to_f32(kvk_f16{bits});
-#endif
-}
-
-KVK_INLINE kvk_u16 float_to_in(float x)
-{
-#if INPUT_BF16
-    return kvk_f32_to_bf16(x).bits;
-#else
-    return kvk_f32_to_f16(x).bits;
-#endif
-}
 
 }  // namespace kvk_mla_cache
 
@@ -109,7 +75,7 @@ extern "C" __global__ __launch_bounds__(256) void mla_cache_write(
     for (int i = 0; i < kPairsPerLane; ++i) {
         const int p = lane + 32 * i;
         x[i][0] = x[i][1] = 0.0f;
-        if (p < kLatentPairs) unpack_in(src[p], x[i][0], x[i][1]);
+        if (p < kLatentPairs) kvk_in_unpack2(src[p], x[i][0], x[i][1]);
         sum = fmaf(x[i][0], x[i][0], sum);
         sum = fmaf(x[i][1], x[i][1], sum);
     }
@@ -126,8 +92,8 @@ extern "C" __global__ __launch_bounds__(256) void mla_cache_write(
         if (p >= kLatentPairs) continue;
 #if NORMALIZE
         float w0, w1;
-        unpack_in(w[p], w0, w1);
-        reinterpret_cast<kvk_u32*>(row)[p] = pack_in(x[i][0] * inv * w0, x[i][1] * inv * w1);
+        kvk_in_unpack2(w[p], w0, w1);
+        reinterpret_cast<kvk_u32*>(row)[p] = kvk_in_pack2(x[i][0] * inv * w0, x[i][1] * inv * w1);
 #else
         reinterpret_cast<kvk_u32*>(row)[p] = src[p];
 #endif
@@ -143,10 +109,10 @@ extern "C" __global__ __launch_bounds__(256) void mla_cache_write(
 #else
     const int a = ROPE_STYLE == 2 ? 2 * lane : lane;
     const int b = ROPE_STYLE == 2 ? 2 * lane + 1 : lane + ROPE_DIM / 2;
-    const float xa = in_to_float(pe[a]), xb = in_to_float(pe[b]);
+    const float xa = kvk_in_to_float(pe[a]), xb = kvk_in_to_float(pe[b]);
     float sn, cs;
     kvk_sincos_accurate((float)positions[t] * invFreq[lane], sn, cs);
-    dst[a] = float_to_in(xa * cs - xb * sn);
-    dst[b] = float_to_in(xa * sn + xb * cs);
+    dst[a] = kvk_float_to_in(xa * cs - xb * sn);
+    dst[b] = kvk_float_to_in(xa * sn + xb * cs);
 #endif
 }

@@ -91,6 +91,14 @@ internal static class AttentionBenchCases
         return values;
     }
 
+    /// <summary>A device buffer of <paramref name="count"/> bf16 values, filled from <paramref name="block"/>.</summary>
+    public static DeviceMemory<BFloat16> Filled(CudaDevice device, long count, BFloat16[] block)
+    {
+        var memory = device.Allocate<BFloat16>(count);
+        Fill(memory.Span, block);
+        return memory;
+    }
+
     /// <summary>Fills <paramref name="span"/> with finite random bf16 values by repeating one uploaded block.</summary>
     public static void Fill(DeviceSpan<BFloat16> span, BFloat16[] block)
     {
@@ -138,15 +146,8 @@ internal sealed class GpuDecode(AttentionModel m, int batch, int tokens, int pag
         }
         _workspace = new DecodeAttentionWorkspace(device, _spec.LseElements, _spec.OutputDim, DecodeAttentionKernels.MaxPlannedSplits);
         for (int s = 0; s < sets; s++)
-        {
-            DeviceMemory<BFloat16> Make(long n)
-            {
-                var memory = device.Allocate<BFloat16>(n);
-                AttentionBenchCases.Fill(memory.Span, block);
-                return memory;
-            }
-            _sets.Add((Make(_spec.QueryElements), Make(_spec.KeyElements), Make(_spec.ValueElements)));
-        }
+            _sets.Add((AttentionBenchCases.Filled(device, _spec.QueryElements, block), AttentionBenchCases.Filled(device, _spec.KeyElements, block),
+                AttentionBenchCases.Filled(device, _spec.ValueElements, block)));
     }
 
     public override void Enqueue(CudaStream stream, int set)

@@ -94,12 +94,7 @@ internal sealed class GpuMlaStep(int heads, int batch, int tokens, bool wholeSte
     {
         var rng = new Random(seed);
         var block = AttentionBenchCases.HostValues(1 << 20, seed);
-        DeviceMemory<BFloat16> Make(long n)
-        {
-            var memory = device.Allocate<BFloat16>(n);
-            AttentionBenchCases.Fill(memory.Span, block);
-            return memory;
-        }
+        DeviceMemory<BFloat16> Make(long n) => AttentionBenchCases.Filled(device, n, block);
         _kernels = new MlaKernels(device);
         var attention = _spec.ToDecodeAttention();
         _splits = Math.Max(1, new DecodeAttentionKernels(device).PlanSplits(attention, tokens));
@@ -171,12 +166,7 @@ internal sealed class GpuMlaCacheWrite(int tokens, bool decode) : GpuBenchCase
     {
         var rng = new Random(seed);
         var block = AttentionBenchCases.HostValues(1 << 20, seed);
-        DeviceMemory<BFloat16> Make(long n)
-        {
-            var memory = device.Allocate<BFloat16>(n);
-            AttentionBenchCases.Fill(memory.Span, block);
-            return memory;
-        }
+        DeviceMemory<BFloat16> Make(long n) => AttentionBenchCases.Filled(device, n, block);
         _kernels = new MlaCacheKernels(device);
         _weight = Make(512);
         _positions = device.Allocate<int>(Enumerable.Range(0, tokens).Select(_ => rng.Next(1 << 17)).ToArray());
