@@ -68,6 +68,11 @@ public sealed class DecodeAttentionKernelsTests(Backends backends)
         new("gqa3-d576v512-paged-nhd-streams2", Spec(1, 1, 3, 2, 576, Paged(16, 6, KvLayout.Nhd, 1), Bf16, Bf16) with { ValueHeadDim = 512 },
             [81], true),
         new("gqa128-d256-contiguous-nhd-q3", Spec(1, 3, 128, 1, 256, KvCacheShape.Contiguous(100), F16, F16), [100], false),
+        // Wide key-reuse heads (the wide tensor-core kernel): every option it shares with the others.
+        new("gqa24-d576v512-paged-hnd-ragged-keyreuse-window-sinks-softcap-alibi-q2", Spec(2, 2, 24, 2, 576, Paged(16, 6, KvLayout.Hnd, 4), Bf16, F32) with
+            { ValueHeadDim = 512, KeyReuse = true, Ragged = true, Window = 40, Sinks = 3, SoftCap = 30f, Alibi = true }, [0, 90, 17, 65], true),
+        new("gqa40-d320v288-contiguous-keyreuse-q1", Spec(1, 1, 40, 1, 320, KvCacheShape.Contiguous(70), F16, F16) with
+            { ValueHeadDim = 288, KeyReuse = true }, [70], true),
     ];
 
     /// <summary>The kernel names of test rows: the CUDA-core kernel and the tensor-core kernel.</summary>
@@ -75,7 +80,7 @@ public sealed class DecodeAttentionKernelsTests(Backends backends)
 
     /// <summary>The kernels that can run <paramref name="spec"/>.</summary>
     internal static IEnumerable<string> KernelsFor(in DecodeAttentionSpec spec) =>
-        DecodeAttentionKernels.TensorCoresSupport(spec) ? [CudaCores, TensorCores] : [CudaCores];
+        DecodeAttentionKernels.TensorCoresSupport(spec) || DecodeAttentionKernels.WideSupport(spec) ? [CudaCores, TensorCores] : [CudaCores];
 
     /// <summary>Ops on <paramref name="device"/> that run <paramref name="kernel"/>.</summary>
     internal static DecodeAttentionKernels Ops(CudaDevice device, string kernel) => new(device)
