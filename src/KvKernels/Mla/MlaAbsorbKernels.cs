@@ -91,14 +91,7 @@ public sealed class MlaAbsorbKernels : IDisposable
         int m = (int)spec.TokenRows;
         if (_cublas is not null)
         {
-            // Row-major C_h [M, Dc] (row stride H·RowDim) = A_h [M, Dn] (row stride H·Dn) · B_h [Dn, Dc] (row stride Dc) is
-            // column-major C_hᵀ = B_hᵀ · A_hᵀ: m = Dc, n = M, k = Dn, A := B_h (Dc × Dn, lda Dc, head stride (Dn+Dv)·Dc),
-            // B := A_h (Dn × M, ldb H·Dn, head stride Dn), C (Dc × M, ldc H·RowDim, head stride RowDim).
-            var type = DataType(spec.InputType);
-            _cublas.GemmStridedBatched(cublasOperation_t.CUBLAS_OP_N, cublasOperation_t.CUBLAS_OP_N, shape.LatentDim, m, shape.NopeDim, 1f,
-                weights.Pointer, type, shape.LatentDim, (long)(shape.NopeDim + shape.ValueDim) * shape.LatentDim,
-                queryNope.Pointer, type, shape.NumHeads * shape.NopeDim, shape.NopeDim,
-                0f, query.Pointer, type, shape.NumHeads * shape.RowDim, shape.RowDim, shape.NumHeads, stream);
+            Gemm(AbsorbGemm(shape, m), weights, queryNope, query, spec.InputType, stream);
             var pack = new KernelArguments();
             pack.Add(queryRope);
             pack.Add(query);
@@ -134,14 +127,7 @@ public sealed class MlaAbsorbKernels : IDisposable
         int m = (int)spec.TokenRows;
         if (_cublas is not null)
         {
-            // Row-major out_h [M, Dv] = O_h [M, Dc] · W_UV[h]ᵀ is column-major out_hᵀ (Dv × M) = W_UV[h] · O_hᵀ; W_UV[h] stored
-            // row-major [Dv, Dc] is the column-major Dc × Dv matrix W_UVᵀ, so op(A) = T: m = Dv, n = M, k = Dc.
-            var type = DataType(spec.InputType);
-            long weightOffset = (long)shape.NopeDim * shape.LatentDim * sizeof(ushort);
-            _cublas.GemmStridedBatched(cublasOperation_t.CUBLAS_OP_T, cublasOperation_t.CUBLAS_OP_N, shape.ValueDim, m, shape.LatentDim, 1f,
-                weights.Pointer + (ulong)weightOffset, type, shape.LatentDim, (long)(shape.NopeDim + shape.ValueDim) * shape.LatentDim,
-                latentOutput.Pointer, type, shape.NumHeads * shape.LatentDim, shape.LatentDim,
-                0f, output.Pointer, DataType(spec.OutputType), shape.NumHeads * shape.ValueDim, shape.ValueDim, shape.NumHeads, stream);
+            Gemm(UnabsorbGemm(shape, m), weights, latentOutput, output, spec.OutputType, stream);
             return;
         }
         var kernels = Module(new AbsorbKey(shape, spec.InputType, spec.OutputType));
@@ -153,6 +139,41 @@ public sealed class MlaAbsorbKernels : IDisposable
         args.Add(shape.NumHeads);
         var grid = new Dim3((uint)((shape.ValueDim + UnabsorbColumns - 1) / UnabsorbColumns), (uint)shape.NumHeads, (uint)((m + Rows - 1) / Rows));
         kernels.Unabsorb.Launch(grid, UnabsorbColumns * 32, 0, stream, ref args);
+    }
+
+    /// <summary>
+    /// The absorption as one column-major strided-batched GEMM over the heads (offsets and strides in elements). Row-major
+    /// <c>C_h [M, Dc]</c> (row stride H·RowDim, inside the packed query) = <c>A_h [M, Dn]</c> (row stride H·Dn) ·
+    /// <c>W_UK[h] [Dn, Dc]</c> is column-major <c>C_hᵀ = W_UK[h]ᵀ · A_hᵀ</c>: m = Dc, n = M, k = Dn; the first operand is
+    /// W_UK[h] read column-major (Dc × Dn, ld Dc, head stride (Dn + Dv)·Dc), the second the queries (Dn × M, ld H·Dn,
+    /// head stride Dn), C with ld H·RowDim and head stride RowDim (the q_pe tail is left alone).
+    /// </summary>
+    internal static StridedGemm AbsorbGemm(in MlaShape shape, int tokenRows) =>
+        new(false, false, shape.LatentDim, tokenRows, shape.NopeDim,
+            0, shape.LatentDim, (long)(shape.NopeDim + shape.ValueDim) * shape.LatentDim,
+            0, shape.NumHeads * shape.NopeDim, shape.NopeDim,
+            0, shape.NumHeads * shape.RowDim, shape.RowDim, shape.NumHeads);
+
+    /// <summary>
+    /// The un-absorption as one GEMM: row-major <c>out_h [M, Dv] = O_h [M, Dc] · W_UV[h]ᵀ</c> is column-major
+    /// <c>out_hᵀ = W_UV[h] · O_hᵀ</c>; W_UV[h], stored row-major [Dv, Dc], is the column-major Dc × Dv matrix W_UVᵀ, so the
+    /// first operand is transposed: m = Dv, n = M, k = Dc, A at W_UV's offset Dn·Dc (ld Dc), B = O (ld H·Dc, head stride
+    /// Dc), C ld H·Dv, head stride Dv.
+    /// </summary>
+    internal static StridedGemm UnabsorbGemm(in MlaShape shape, int tokenRows) =>
+        new(true, false, shape.ValueDim, tokenRows, shape.LatentDim,
+            (long)shape.NopeDim * shape.LatentDim, shape.LatentDim, (long)(shape.NopeDim + shape.ValueDim) * shape.LatentDim,
+            0, shape.NumHeads * shape.LatentDim, shape.LatentDim,
+            0, shape.NumHeads * shape.ValueDim, shape.ValueDim, shape.NumHeads);
+
+    private void Gemm<TIn, TOut>(in StridedGemm g, DeviceSpan<TIn> a, DeviceSpan<TIn> b, DeviceSpan<TOut> c, AttentionElement outputType, CudaStream? stream)
+        where TIn : unmanaged where TOut : unmanaged
+    {
+        var inType = DataType(DecodeAttentionSpec.ElementOf<TIn>()!.Value);
+        _cublas!.GemmStridedBatched(g.TransA ? cublasOperation_t.CUBLAS_OP_T : cublasOperation_t.CUBLAS_OP_N,
+            g.TransB ? cublasOperation_t.CUBLAS_OP_T : cublasOperation_t.CUBLAS_OP_N, g.M, g.N, g.K, 1f,
+            a.Slice(g.AOffset).Pointer, inType, g.Lda, g.StrideA, b.Slice(g.BOffset).Pointer, inType, g.Ldb, g.StrideB,
+            0f, c.Slice(g.COffset).Pointer, DataType(outputType), g.Ldc, g.StrideC, g.Batch, stream);
     }
 
     /// <summary>Every check <see cref="AbsorbQuery{T}"/> makes, without launching.</summary>
@@ -231,3 +252,8 @@ public sealed class MlaAbsorbKernels : IDisposable
         public MlaShape Shape => new(1, LatentDim, RopeDim, NopeDim, ValueDim);
     }
 }
+
+/// <summary>One column-major strided-batched GEMM <c>C[p] = op(A[p]) · op(B[p])</c> (cuBLAS's convention), offsets and
+/// strides in elements.</summary>
+internal readonly record struct StridedGemm(bool TransA, bool TransB, int M, int N, int K, long AOffset, int Lda, long StrideA,
+    long BOffset, int Ldb, long StrideB, long COffset, int Ldc, long StrideC, int Batch);

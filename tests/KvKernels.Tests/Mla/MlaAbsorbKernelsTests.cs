@@ -50,6 +50,56 @@ public sealed class MlaAbsorbKernelsTests(Backends backends)
         }
     }
 
+    /// <summary>
+    /// The cuBLAS path's GEMM parameters, run through a host model of cuBLAS's column-major strided-batched GEMM, give
+    /// the oracle's absorption and un-absorption — the mapping is checked without a GPU (cuBLAS itself only on cuda).
+    /// </summary>
+    [Theory]
+    [InlineData(1, 16, 512, 64, 128, 128)]
+    [InlineData(5, 3, 96, 32, 40, 24)]
+    public void CublasGemmMapping_ComputesTheAbsorption(int tokens, int heads, int latent, int rope, int nope, int value)
+    {
+        var shape = new MlaShape(heads, latent, rope, nope, value);
+        var rng = new Random(tokens + heads);
+        double[] Rand(long n) => Enumerable.Range(0, (int)n).Select(_ => rng.NextDouble() * 2 - 1).ToArray();
+        var weights = Rand(shape.WeightElements);
+        var nopeQuery = Rand((long)tokens * heads * nope);
+        var latentOut = Rand((long)tokens * heads * latent);
+
+        var query = new double[(long)tokens * heads * shape.RowDim];
+        Array.Fill(query, double.NaN);   // the GEMM must write every q_latent column and no q_pe column
+        ColumnMajor(MlaAbsorbKernels.AbsorbGemm(shape, tokens), weights, nopeQuery, query);
+        var expected = MlaOracle.Absorb(shape, tokens, nopeQuery, weights);
+        for (long r = 0; r < (long)tokens * heads; r++)
+        {
+            for (int c = 0; c < latent; c++) Assert.Equal(expected[r * latent + c], query[r * shape.RowDim + c], 1e-12);
+            for (int c = latent; c < shape.RowDim; c++) Assert.True(double.IsNaN(query[r * shape.RowDim + c]), "the GEMM wrote into the q_pe tail");
+        }
+
+        var output = new double[(long)tokens * heads * value];
+        ColumnMajor(MlaAbsorbKernels.UnabsorbGemm(shape, tokens), weights, latentOut, output);
+        var expectedOut = MlaOracle.Unabsorb(shape, tokens, latentOut, weights);
+        for (int i = 0; i < output.Length; i++) Assert.Equal(expectedOut[i], output[i], 1e-12);
+    }
+
+    /// <summary>cuBLAS's <c>GemmStridedBatched</c> (column-major, alpha 1, beta 0) on host arrays.</summary>
+    private static void ColumnMajor(StridedGemm g, double[] a, double[] b, double[] c)
+    {
+        for (int p = 0; p < g.Batch; p++)
+            for (int j = 0; j < g.N; j++)
+                for (int i = 0; i < g.M; i++)
+                {
+                    double sum = 0;
+                    for (int k = 0; k < g.K; k++)
+                    {
+                        double x = a[g.AOffset + p * g.StrideA + (g.TransA ? k + (long)i * g.Lda : i + (long)k * g.Lda)];
+                        double y = b[g.BOffset + p * g.StrideB + (g.TransB ? j + (long)k * g.Ldb : k + (long)j * g.Ldb)];
+                        sum += x * y;
+                    }
+                    c[g.COffset + p * g.StrideC + i + (long)j * g.Ldc] = sum;
+                }
+    }
+
     [Fact]
     public void CublasGemm_MatchesAHostProduct()
     {
