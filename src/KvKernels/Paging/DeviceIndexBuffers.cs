@@ -66,6 +66,30 @@ public sealed class DeviceSlotMapping : DeviceIndexBuffer
         Upload(slots, 0, stream);
         Count = slots.Length;
         Pool = pool;
+        GroupSize = 1;
+    }
+
+    /// <summary>Tokens per slot entry: 1, or the group size of <see cref="UpdateGroups"/>.</summary>
+    public int GroupSize { get; private set; } = 1;
+
+    /// <summary>Validates and uploads one slot per group of <paramref name="groupSize"/> tokens (token-group quantized
+    /// formats, <see cref="Quantization.KvQuantizeSpec"/>): each the first slot of its group, a multiple of the group size,
+    /// or −1; distinct; the group size must divide the page size.</summary>
+    /// <exception cref="ArgumentException">A bad group size or slot; the mapping is unchanged.</exception>
+    public void UpdateGroups(ReadOnlySpan<int> groupSlots, in PagedKvLayout pool, int groupSize, CudaStream? stream = null)
+    {
+        if (groupSize < 1 || pool.PageSize % groupSize != 0)
+            throw new ArgumentException($"groupSize is {groupSize}; expected a divisor of the page size {pool.PageSize}.", nameof(groupSize));
+        if (groupSlots.Length > Capacity)
+            throw new ArgumentException($"groupSlots has {groupSlots.Length} entries; this mapping holds at most {Capacity}.", nameof(groupSlots));
+        for (int i = 0; i < groupSlots.Length; i++)
+            if (groupSlots[i] != -1 && groupSlots[i] % groupSize != 0)
+                throw new ArgumentException($"groupSlots[{i}] is {groupSlots[i]}; a token group starts at a multiple of {groupSize} (or −1 skips it).", nameof(groupSlots));
+        new PagedAppendSpec(pool, groupSlots.Length).ValidateSlots(groupSlots);
+        Upload(groupSlots, 0, stream);
+        Count = groupSlots.Length;
+        Pool = pool;
+        GroupSize = groupSize;
     }
 }
 
