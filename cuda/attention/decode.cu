@@ -57,6 +57,7 @@
 #include "common/kvk_vec.cuh"
 #include "common/kvk_async.cuh"
 #include "common/kvk_math.cuh"
+#include "common/kvk_merge.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128
@@ -1404,8 +1405,7 @@ extern "C" __global__ __launch_bounds__(256, 1) void attention_decode_mma_wide(
 #endif
 }
 
-// One warp per output row: lse = ln sum_s e^lse_s, o = sum_s e^(lse_s - lse) o_s. Empty splits (lse -inf)
-// weigh nothing; a row whose splits are all empty gets zeros and -inf. dim is a multiple of 8.
+// One warp per output row (kvk_merge.cuh); dim is a multiple of 8.
 extern "C" __global__ __launch_bounds__(256) void attention_merge_splits(
     const float* __restrict__ partialOutput, const float* __restrict__ partialLse, out_t* __restrict__ output,
     float* __restrict__ lse, kvk_i32 numRows, kvk_i32 dim, kvk_i32 splits)
@@ -1413,29 +1413,9 @@ extern "C" __global__ __launch_bounds__(256) void attention_merge_splits(
     const int lane = (int)(threadIdx.x & 31);
     const kvk_i64 warps = (kvk_i64)gridDim.x * (blockDim.x / 32);
     for (kvk_i64 row = ((kvk_i64)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < numRows; row += warps) {
-        float mx = neg_inf();
-        for (int s = 0; s < splits; ++s) mx = fmaxf(mx, partialLse[(kvk_i64)s * numRows + row]);
-        const bool empty = mx == neg_inf();
-        float sum = 0.0f;
-        if (!empty)
-            for (int s = 0; s < splits; ++s) sum += kvk_ex2((partialLse[(kvk_i64)s * numRows + row] - mx) * kLog2e);
-        const float inv = empty ? 0.0f : 1.0f / sum;
-        for (int c = lane; c < dim / 4; c += 32) {
-            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (!empty) {
-                for (int s = 0; s < splits; ++s) {
-                    const float w = kvk_ex2((partialLse[(kvk_i64)s * numRows + row] - mx) * kLog2e);
-                    if (w == 0.0f) continue;   // an empty split's zeros, or an underflow: nothing to add
-                    const float4 x = reinterpret_cast<const float4*>(partialOutput + ((kvk_i64)s * numRows + row) * dim)[c];
-                    acc.x = fmaf(w, x.x, acc.x);
-                    acc.y = fmaf(w, x.y, acc.y);
-                    acc.z = fmaf(w, x.z, acc.z);
-                    acc.w = fmaf(w, x.w, acc.w);
-                }
-            }
-            store4(output + row * dim + c * 4, acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
-        }
-        if (lse != nullptr && lane == 0) lse[row] = empty ? neg_inf() : mx + kvk_lg2(sum) * kLn2;
+        const float merged = kvk_merge_splits_row(partialOutput, partialLse, numRows, dim, splits, row, lane,
+            [&](int c, float4 v) { store4(output + row * dim + c, v.x, v.y, v.z, v.w); });
+        if (lse != nullptr && lane == 0) lse[row] = merged;
     }
 }
 

@@ -32,6 +32,7 @@
 #include "common/kvk_fp16.cuh"
 #include "common/kvk_fp8.cuh"
 #include "common/kvk_vec.cuh"
+#include "common/kvk_quant.cuh"
 
 #ifndef INPUT_BF16
 #define INPUT_BF16 0
@@ -51,54 +52,12 @@ static_assert(QUANT_CODEC == 3 ? (QUANT_BITS == 8 || QUANT_BITS == 4 || QUANT_BI
 
 namespace kvk_quant {
 
-enum : int { kBits = QUANT_BITS, kCodeMax = (1 << QUANT_BITS) - 1, kAsym = QUANT_CODEC == 3 };
-enum : int { kPerTensor = 0, kPerHead = 1, kPerToken = 2 };
+enum : int { kBits = QUANT_BITS, kCodeMax = (1 << QUANT_BITS) - 1 };
+enum : int { kPerTensor = KVK_Q_PER_TENSOR, kPerHead = KVK_Q_PER_HEAD, kPerToken = KVK_Q_PER_TOKEN };
 
-// The largest code magnitude of the symmetric codecs (KvFormat.CodeMax).
-KVK_INLINE float sym_code_max()
-{
-#if QUANT_CODEC == 0
-    return 448.0f;
-#elif QUANT_CODEC == 1
-    return 57344.0f;
-#else
-    return 127.0f;
-#endif
-}
-
-// fp8 / int8 code of x with scale s (KvQuantMath.Code): s == 0 -> 0.
-KVK_INLINE kvk_u32 sym_code(float x, float s, int reciprocal)
-{
-    if (s == 0.0f) return 0u;
-#if QUANT_CODEC == 2
-    (void)reciprocal;
-    return (kvk_u32)(kvk_u8)(signed char)(int)fminf(fmaxf(rintf(x / s), -127.0f), 127.0f);
-#else
-    const float y = reciprocal ? x * (1.0f / s) : x / s;
-#if QUANT_CODEC == 0
-    return kvk_f32_to_e4m3(y).bits;
-#else
-    return kvk_f32_to_e5m2(y).bits;
-#endif
-#endif
-}
-
-KVK_INLINE float sym_value(kvk_u32 code)
-{
-#if QUANT_CODEC == 0
-    return kvk_e4m3_to_f32(kvk_e4m3{(kvk_u8)code});
-#elif QUANT_CODEC == 1
-    return kvk_e5m2_to_f32(kvk_e5m2{(kvk_u8)code});
-#else
-    return (float)(signed char)(kvk_u8)code;
-#endif
-}
-
-// Asymmetric code of x with the stored scale and minimum (KvQuantMath.AsymmetricCode).
-KVK_INLINE kvk_u32 asym_code(float x, float s, float mn)
-{
-    return s == 0.0f ? 0u : (kvk_u32)fminf(fmaxf(rintf((x - mn) / s), 0.0f), (float)kCodeMax);
-}
+KVK_INLINE kvk_u32 sym_code(float x, float s, int reciprocal) { return kvk_q_sym_code<QUANT_CODEC>(x, s, reciprocal); }
+KVK_INLINE float sym_value(kvk_u32 code) { return kvk_q_sym_value<QUANT_CODEC>(code); }
+KVK_INLINE kvk_u32 asym_code(float x, float s, float mn) { return kvk_q_asym_code<kBits>(x, s, mn); }
 
 KVK_INLINE float load_in(const kvk_u16* p) { return kvk_in_to_float(*p); }
 
@@ -125,23 +84,6 @@ KVK_INLINE void quantize_group(const kvk_u16* x, kvk_i64 stride, int n, kvk_u32*
     }
 }
 
-// Index of (slot, head) among the slot-major rows (QuantizedKvPool.RowIndex).
-KVK_INLINE kvk_i64 row_index(kvk_i64 slot, int head, int numKvHeads, int pageSize, int hnd)
-{
-    if (!hnd) return slot * numKvHeads + head;
-    const kvk_i64 page = slot / pageSize;
-    return (page * numKvHeads + head) * pageSize + (slot - page * pageSize);
-}
-
-// Index of the token-group block holding (slot, head) (QuantizedKvPool.BlockIndex).
-KVK_INLINE kvk_i64 block_index(kvk_i64 slot, int head, int numKvHeads, int pageSize, int group, int hnd)
-{
-    const int blocksPerPage = pageSize / group;
-    const kvk_i64 page = slot / pageSize;
-    const kvk_i64 block = (slot - page * pageSize) / group;
-    return hnd ? (page * numKvHeads + head) * blocksPerPage + block : (page * blocksPerPage + block) * numKvHeads + head;
-}
-
 }  // namespace kvk_quant
 
 using namespace kvk_quant;
@@ -163,7 +105,7 @@ extern "C" __global__ void quant_quantize(
             const kvk_i64 i = w / headDim / numKvHeads;
             const kvk_i32 slot = slots[i];
             if (slot < 0) continue;
-            const kvk_i64 run = block_index(slot, h, numKvHeads, pageSize, group, hnd) * headDim + c;
+            const kvk_i64 run = kvk_q_block_index(slot, h, numKvHeads, pageSize, group, hnd) * headDim + c;
             quantize_group(source + i * group * tokenStride + (kvk_i64)h * headDim + c, tokenStride, group,
                            reinterpret_cast<kvk_u32*>(codes + run * (group * kBits / 8)), groupParams + run * 2);
         }
@@ -180,7 +122,7 @@ extern "C" __global__ void quant_quantize(
         const kvk_i64 t = w / groups / numKvHeads;
         const kvk_i32 slot = slots[t];
         if (slot < 0) continue;
-        const kvk_i64 row = row_index(slot, h, numKvHeads, pageSize, hnd);
+        const kvk_i64 row = kvk_q_row_index(slot, h, numKvHeads, pageSize, hnd);
         quantize_group(source + t * tokenStride + (kvk_i64)h * headDim + k * group, 1, group,
                        reinterpret_cast<kvk_u32*>(codes + row * (headDim * kBits / 8) + k * (group * kBits / 8)),
                        groupParams + (row * groups + k) * 2);
@@ -195,12 +137,12 @@ extern "C" __global__ void quant_quantize(
         const kvk_i32 slot = slots[t];
         if (slot < 0) continue;
         const kvk_u16* x = source + t * tokenStride + (kvk_i64)h * headDim;
-        const kvk_i64 row = row_index(slot, h, numKvHeads, pageSize, hnd);
+        const kvk_i64 row = kvk_q_row_index(slot, h, numKvHeads, pageSize, hnd);
         float scale;
         if (granularity == kPerToken) {
             float amax = 0.0f;
             for (int c = 0; c < headDim; ++c) amax = fmaxf(amax, fabsf(load_in(x + c)));
-            scale = amax / sym_code_max();
+            scale = amax / kvk_q_sym_max<QUANT_CODEC>();
             tokenScales[row] = scale;
         } else {
             scale = givenScales[granularity == kPerTensor ? 0 : h];
@@ -235,7 +177,7 @@ extern "C" __global__ void quant_dequantize(
 #if QUANT_CODEC == 3
             (void)scales; (void)granularity;
             if (tokenAxis) {
-                const kvk_i64 block = block_index(slot, h, numKvHeads, pageSize, group, hnd);
+                const kvk_i64 block = kvk_q_block_index(slot, h, numKvHeads, pageSize, group, hnd);
                 const int j = (int)(slot % group);
                 for (int e = 0; e < 8; ++e) {
                     const kvk_i64 run = block * headDim + u * 8 + e;
@@ -244,7 +186,7 @@ extern "C" __global__ void quant_dequantize(
                     f[e] = fmaf((float)q, kvk_in_to_float(groupParams[run * 2]), kvk_in_to_float(groupParams[run * 2 + 1]));
                 }
             } else {
-                const kvk_i64 row = row_index(slot, h, numKvHeads, pageSize, hnd);
+                const kvk_i64 row = kvk_q_row_index(slot, h, numKvHeads, pageSize, hnd);
                 const kvk_u32* words = reinterpret_cast<const kvk_u32*>(codes + row * (headDim * kBits / 8));
                 const kvk_u16* param = groupParams + (row * (headDim / group) + u * 8 / group) * 2;
                 const float s = kvk_in_to_float(param[0]), mn = kvk_in_to_float(param[1]);
@@ -255,7 +197,7 @@ extern "C" __global__ void quant_dequantize(
             }
 #else
             (void)groupParams; (void)tokenAxis; (void)group;
-            const kvk_i64 row = row_index(slot, h, numKvHeads, pageSize, hnd);
+            const kvk_i64 row = kvk_q_row_index(slot, h, numKvHeads, pageSize, hnd);
             const float s = scales[granularity == kPerTensor ? 0 : granularity == kPerHead ? h : row];
             const kvk_u8* c = codes + row * headDim + u * 8;
             for (int e = 0; e < 8; ++e) f[e] = sym_value(c[e]) * s;

@@ -32,5 +32,6 @@ public static class KernelCatalog
         .. MlaAbsorbKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaAbsorbKernels.EntryPoints)),
         .. MlaCacheKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaCacheKernels.EntryPoints)),
         .. KvQuantKernels.Specializations.Select(s => new CatalogEntry("quant", s, KvQuantKernels.EntryPoints)),
+        .. QuantizedAttentionKernels.Specializations.Select(s => new CatalogEntry("quant", s, QuantizedAttentionKernels.EntryPoints)),
     ];
 }
