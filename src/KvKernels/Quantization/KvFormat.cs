@@ -148,7 +148,7 @@ public readonly record struct KvFormat(KvCodec Codec, int Bits, KvScaleGranulari
         KvCodec.Fp8E4M3 or KvCodec.Fp8E5M2 => $"{(Codec == KvCodec.Fp8E4M3 ? "fp8e4m3" : "fp8e5m2")}/{GranularityName}"
             + (Convention == Fp8ScaleConvention.MultiplyReciprocal ? "/recip" : ""),
         KvCodec.Int8 => $"int8/{GranularityName}",
-        _ => $"asym{Bits}/{(Axis == KvGroupAxis.Tokens ? "tokens" : "channels")}/g{(GroupSize == 0 ? "row" : GroupSize.ToString())}",
+        _ => $"asym{Bits}/{(Axis == KvGroupAxis.Tokens ? "tokens" : "channels")}/{(GroupSize == 0 ? "row" : "g" + GroupSize)}",
     };
 
     private string GranularityName => Granularity switch

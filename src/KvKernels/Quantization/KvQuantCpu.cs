@@ -85,8 +85,15 @@ public static class KvQuantCpu
     }
 
     /// <summary>The dequantized value of element <paramref name="d"/> of (<paramref name="slot"/>, <paramref name="head"/>),
-    /// in fp32 (before the final rounding to the element type).</summary>
-    internal static float DequantizeElement<T>(in QuantizedKvPool pool, ReadOnlySpan<byte> codes, ReadOnlySpan<float> scales, ReadOnlySpan<T> groupParams,
+    /// in fp32 (before the final rounding to the element type). Indices are not checked: for spot checks and tests.</summary>
+    /// <param name="pool">The pool.</param>
+    /// <param name="codes">Its codes.</param>
+    /// <param name="scales">Per-token scales, or the engine's scales (fp8/int8); else empty.</param>
+    /// <param name="groupParams">(scale, minimum) pairs (asymmetric); else empty.</param>
+    /// <param name="slot">Slot.</param>
+    /// <param name="head">KV head.</param>
+    /// <param name="d">Channel.</param>
+    public static float DequantizeElement<T>(in QuantizedKvPool pool, ReadOnlySpan<byte> codes, ReadOnlySpan<float> scales, ReadOnlySpan<T> groupParams,
         long slot, int head, int d) where T : unmanaged
     {
         var format = pool.Format;

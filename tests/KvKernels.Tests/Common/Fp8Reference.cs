@@ -49,8 +49,11 @@ internal static class Fp8Reference
             double v = Decode(f, (byte)code);
             if (double.IsFinite(v)) list.Add(v);
         }
-        for (int i = 1; i < list.Count; i++) Assert.True(list[i] > list[i - 1]);
-        Assert.Equal(Max(f), list[^1]);
+        // The decoder's own sanity: magnitudes strictly increasing up to the format's max (thrown, not asserted, so
+        // KvCheck can link this file too).
+        for (int i = 1; i < list.Count; i++)
+            if (!(list[i] > list[i - 1])) throw new InvalidOperationException($"{f}: magnitudes not increasing at code {i}.");
+        if (list[^1] != Max(f)) throw new InvalidOperationException($"{f}: largest finite value {list[^1]}, expected {Max(f)}.");
         return list.ToArray();
     }
 
