@@ -156,7 +156,7 @@ internal static class BenchCommand
 
     /// <summary>Every GPU row, family by family (a new op family appends its cases here).</summary>
     private static IEnumerable<GpuBenchCase> GpuCases(bool quick) => PagingBenchCases.Gpu().Concat(AttentionBenchCases.Gpu(quick)).Concat(MergeStatesBench.Gpu())
-        .Concat(MlaBenchCases.Gpu(quick));
+        .Concat(MlaBenchCases.Gpu(quick)).Concat(QuantBenchCases.Gpu(quick));
 
     /// <summary>Every CPU row, family by family.</summary>
     private static IEnumerable<CpuBenchCase> CpuCases() => PagingBenchCases.Cpu().Concat(AttentionBenchCases.Cpu()).Concat(MergeStatesBench.Cpu())
