@@ -138,6 +138,43 @@ public static class KvQuantCpu
         return value * scale;
     }
 
+    /// <summary>Requantizes page pairs from one pool into another (SAQ's step down a stair); see
+    /// <see cref="KvRequantizeSpec"/>. Allocates a scratch tensor of the pages (a reference, not a hot path).</summary>
+    /// <param name="spec">Pools and page count.</param>
+    /// <param name="sourcePages">Pages read.</param>
+    /// <param name="destinationPages">Pages written (distinct).</param>
+    /// <param name="source">The source tensor's buffers.</param>
+    /// <param name="destinationGivenScales">The destination's given scales (per-tensor / per-head fp8, int8); else empty.</param>
+    /// <param name="codes">Destination codes, written at the destination pages.</param>
+    /// <param name="tokenScales">Destination per-token scales, written; else empty.</param>
+    /// <param name="groupParams">Destination (scale, minimum) pairs, written; else empty.</param>
+    /// <exception cref="ArgumentException">A bad pool, page pair or buffer; nothing is written.</exception>
+    public static void Requantize<T>(in KvRequantizeSpec spec, ReadOnlySpan<int> sourcePages, ReadOnlySpan<int> destinationPages,
+        QuantizedTensor<T> source, ReadOnlySpan<float> destinationGivenScales, Span<byte> codes, Span<float> tokenScales, Span<T> groupParams)
+        where T : unmanaged
+    {
+        spec.Validate(sourcePages, destinationPages);
+        QuantizedAttentionCpu.CheckTensor(spec.Source, source, nameof(source));
+        var quantize = new KvQuantizeSpec(spec.Destination, spec.Tokens);
+        int[] slots = new int[spec.DestinationSlotCount];
+        spec.DestinationSlots(destinationPages, slots);
+        quantize.ValidateBuffers<T>((long)spec.Tokens * spec.Source.Pages.TokenElements, slots.Length, destinationGivenScales.Length, codes.Length,
+            tokenScales.Length, groupParams.Length);
+
+        var g = spec.Source.Pages;
+        var scratch = new T[(long)spec.Tokens * g.TokenElements];
+        for (int i = 0; i < spec.NumPages; i++)
+            for (int j = 0; j < g.PageSize; j++)
+            {
+                long slot = (long)sourcePages[i] * g.PageSize + j;
+                for (int h = 0; h < g.NumKvHeads; h++)
+                    for (int d = 0; d < g.HeadDim; d++)
+                        scratch[((long)(i * g.PageSize + j) * g.NumKvHeads + h) * g.HeadDim + d] = DecodeAttentionCpuMath.FromSingle<T>(
+                            DequantizeElement(spec.Source, source.Codes, source.Scales, source.GroupParams, slot, h, d));
+            }
+        Quantize<T>(quantize, scratch, slots, destinationGivenScales, codes, tokenScales, groupParams);
+    }
+
     /// <summary>
     /// On-the-fly scales (vLLM's <c>calculate_kv_scales</c>): <c>s = amax / divisor</c> over the whole tensor
     /// (<paramref name="scales"/> of length 1) or per KV head (length Hkv), with amax the largest |x| of
