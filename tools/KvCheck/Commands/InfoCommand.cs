@@ -7,7 +7,7 @@ using KvKernels.Cuda;
 
 namespace KvCheck.Commands;
 
-/// <summary><c>KvCheck info</c>: driver, NVRTC, cuBLAS, every GPU and a measured copy bandwidth.</summary>
+/// <summary><c>KvCheck info</c>: driver, NVRTC, cuBLAS, the KV formats' costs, every GPU and a measured copy bandwidth.</summary>
 internal static class InfoCommand
 {
     public static Command Create()
@@ -47,6 +47,7 @@ internal static class InfoCommand
             Ui.Line($"cuBLAS:   unavailable — {Cublas.UnavailableReason}");
         Ui.Line($"Kernel cache: {KernelCompiler.DefaultCacheDirectory}");
         Ui.Line();
+        WriteKvFormats();
 
         if (!CudaDriver.IsAvailable)
         {
@@ -86,5 +87,20 @@ internal static class InfoCommand
             table.Write();
         }
         return ExitCodes.Success;
+    }
+
+    /// <summary>Bytes per token per layer of each KV format and its attention error against fp16 (QuantFormatsProbe).</summary>
+    private static void WriteKvFormats()
+    {
+        var rows = Ui.WithStatus("Measuring the KV formats' attention error (CPU) …", _ => QuantFormatsProbe.Measure());
+        var table = new TextTable($"KV formats: bytes per token per layer (K+V, {QuantFormatsProbe.KvHeads} KV heads of {QuantFormatsProbe.HeadDim}) " +
+            $"and decode-attention error vs fp16 ({QuantFormatsProbe.Tokens} tokens, keys with 10× outlier channels)",
+            ("Format", false), ("Bytes/token", true), ("vs fp16", true), ("Rel. error vs fp16", true));
+        foreach (var row in rows)
+            table.AddRow(false, row.Name, Ui.F(row.BytesPerToken, 0), Ui.F(row.RatioToFp16, 2) + "×", row.RelativeError == 0 ? "—" : row.RelativeError.ToString("0.0000", Ui.Invariant));
+        table.Write();
+        Ui.Line("SAQ staircases and KIVI residuals mix these rows: a residual of R fp16 tokens adds R × 4096 B per layer; a stair of " +
+            "S tokens at B bits costs S × the B-bit row.");
+        Ui.Line();
     }
 }
