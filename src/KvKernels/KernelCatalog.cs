@@ -3,6 +3,7 @@ using KvKernels.Compilation;
 using KvKernels.Mla;
 using KvKernels.Paging;
 using KvKernels.Quantization;
+using KvKernels.Selection;
 
 namespace KvKernels;
 
@@ -33,5 +34,6 @@ public static class KernelCatalog
         .. MlaCacheKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaCacheKernels.EntryPoints)),
         .. KvQuantKernels.Specializations.Select(s => new CatalogEntry("quant", s, KvQuantKernels.EntryPoints)),
         .. QuantizedAttentionKernels.Specializations.Select(s => new CatalogEntry("quant", s, QuantizedAttentionKernels.EntryPoints)),
+        .. CompactionKernels.Specializations.Select(s => new CatalogEntry("selection", s, CompactionKernels.EntryPoints)),
     ];
 }
