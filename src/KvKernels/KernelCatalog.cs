@@ -30,5 +30,6 @@ public static class KernelCatalog
         .. DecodeAttentionKernels.Specializations.Select(s => new CatalogEntry("attention", s, DecodeAttentionKernels.EntryPoints)),
         .. MlaAbsorbKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaAbsorbKernels.EntryPoints)),
         .. MlaCacheKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaCacheKernels.EntryPoints)),
+        .. Selection.TokenScoreKernels.Specializations.Select(s => new CatalogEntry("selection", s, Selection.TokenScoreKernels.EntryPoints)),
     ];
 }
