@@ -310,7 +310,7 @@ KVK_INLINE int warp_max(int x)
 
 using namespace kvk_scores;
 
-extern "C" __global__ __launch_bounds__(256) void selection_norms_append(
+extern "C" __global__ __launch_bounds__(256, 3) void selection_norms_append(
     const kvk_u16* __restrict__ keys, const kvk_u16* __restrict__ values, const kvk_i32* __restrict__ slots,
     float* __restrict__ keyNorms, float* __restrict__ valueNorms,
     kvk_i32 numTokens, kvk_i32 numKvHeads, kvk_i32 headDim, kvk_i64 keyTokenStride, kvk_i64 valueTokenStride,
@@ -347,7 +347,7 @@ extern "C" __global__ __launch_bounds__(256) void selection_norms_append(
     }
 }
 
-extern "C" __global__ __launch_bounds__(256) void selection_norms_cache(
+extern "C" __global__ __launch_bounds__(256, 3) void selection_norms_cache(
     const kvk_u16* __restrict__ keys, const kvk_u16* __restrict__ values, const kvk_i32* __restrict__ lengths,
     const kvk_i32* __restrict__ blockTable, float* __restrict__ keyNorms, float* __restrict__ valueNorms,
     kvk_i32 rows, kvk_i32 numKvHeads, kvk_i32 headDim, kvk_i32 maxTokens, kvk_i32 pageSize, kvk_i32 maxPagesPerSeq,
@@ -422,7 +422,7 @@ extern "C" __global__ __launch_bounds__(256) void selection_pool(
     }
 }
 
-extern "C" __global__ __launch_bounds__(128) void selection_window_partials(
+extern "C" __global__ __launch_bounds__(128, 4) void selection_window_partials(
     const kvk_u16* __restrict__ query, const kvk_u16* __restrict__ keys, const kvk_i32* __restrict__ lengths,
     const kvk_i32* __restrict__ blockTable, float* __restrict__ partials,
     kvk_i32 batch, kvk_i32 window, kvk_i32 numQueryHeads, kvk_i32 numKvHeads, kvk_i32 maxTokens, kvk_i32 pageSize,
@@ -460,17 +460,16 @@ extern "C" __global__ __launch_bounds__(128) void selection_window_partials(
         warp_logits(sQ, sK, warp, lane, acc);
         KVK_UNROLL
         for (int h = 0; h < 2; ++h) {
-            const int vis = h == 0 ? visA : visB;
-            float s[16];
+            // Keys this row sees: n <= last (its causal limit, and the split's end).
+            const int last = kvk_min(h == 0 ? visA : visB, end - 1);
+            const int first = n0 + 2 * (lane & 3);
             float mx = neg_inf();
             KVK_UNROLL
             for (int nt = 0; nt < 8; ++nt) {
                 KVK_UNROLL
                 for (int c = 0; c < 2; ++c) {
-                    const int n = n0 + nt * 8 + 2 * (lane & 3) + c;
-                    const float value = n <= vis && n < end ? acc[nt][2 * h + c] * scaleLog2 : neg_inf();
-                    s[nt * 2 + c] = value;
-                    mx = value > mx ? value : mx;
+                    const float value = acc[nt][2 * h + c] * scaleLog2;
+                    if (first + nt * 8 + c <= last && value > mx) mx = value;
                 }
             }
             mx = kvk_max(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
@@ -479,8 +478,12 @@ extern "C" __global__ __launch_bounds__(128) void selection_window_partials(
             if (mNew == neg_inf()) continue;   // nothing visible to this row yet (uniform over the quad; no shuffles follow)
             float sum = 0.0f;
             KVK_UNROLL
-            for (int e = 0; e < 16; ++e) sum += kvk_ex2(s[e] - mNew);   // -inf - finite -> -inf -> 0
-            l[h] = l[h] * kvk_ex2(m[h] - mNew) + sum;
+            for (int nt = 0; nt < 8; ++nt) {
+                KVK_UNROLL
+                for (int c = 0; c < 2; ++c)
+                    if (first + nt * 8 + c <= last) sum += kvk_ex2(acc[nt][2 * h + c] * scaleLog2 - mNew);
+            }
+            l[h] = l[h] * kvk_ex2(m[h] - mNew) + sum;   // m[h] = -inf the first time: 2^-inf = 0
             m[h] = mNew;
         }
     }
@@ -523,7 +526,7 @@ extern "C" __global__ __launch_bounds__(256) void selection_window_lse(
     }
 }
 
-extern "C" __global__ __launch_bounds__(128) void selection_window_scores(
+extern "C" __global__ __launch_bounds__(128, 4) void selection_window_scores(
     const kvk_u16* __restrict__ query, const kvk_u16* __restrict__ keys, const kvk_i32* __restrict__ lengths,
     const kvk_i32* __restrict__ blockTable, const float* __restrict__ lse, float* __restrict__ scores,
     kvk_i32 batch, kvk_i32 window, kvk_i32 numQueryHeads, kvk_i32 numKvHeads, kvk_i32 maxTokens, kvk_i32 pageSize,

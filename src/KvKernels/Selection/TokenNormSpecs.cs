@@ -109,6 +109,9 @@ public readonly record struct CacheNormSpec(int Rows, int NumKvHeads, int HeadDi
     /// <summary>Entries of the block table (0 for contiguous storage).</summary>
     public long BlockTableElements => Storage.BlockTableElements;
 
+    /// <summary>The pool shape of paged storage, for block tables validated by <see cref="DeviceBlockTable"/>.</summary>
+    public PagedKvLayout KeyPool => Storage.KeyPool;
+
     /// <summary>The storage described as a one-query decode spec (for its addressing and index checks).</summary>
     internal DecodeAttentionSpec Storage => new(Rows, 1, NumKvHeads, NumKvHeads, HeadDim, Cache);
 

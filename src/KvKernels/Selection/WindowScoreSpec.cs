@@ -93,6 +93,9 @@ public readonly record struct WindowScoreSpec(int BatchSize, int WindowSize, int
     /// <summary>Entries of the block table (0 for contiguous storage).</summary>
     public long BlockTableElements => Storage.BlockTableElements;
 
+    /// <summary>The pool shape of paged storage, for block tables validated by <see cref="DeviceBlockTable"/>.</summary>
+    public PagedKvLayout KeyPool => Storage.KeyPool;
+
     /// <summary>The storage described as a one-query decode spec (for its addressing and index checks).</summary>
     internal DecodeAttentionSpec Storage => new(BatchSize, 1, NumQueryHeads, NumKvHeads, HeadDim, Cache);
 
