@@ -250,7 +250,7 @@ public sealed class TokenScoreKernels
 
     /// <summary>
     /// The key splits of the first pass for <paramref name="spec"/> with rows up to <paramref name="longestRow"/> keys,
-    /// before clamping to a workspace: enough (row tile × split) CTAs for about two waves of the device, with chunks of at
+    /// before clamping to a workspace: <see cref="WindowScoreSpec.Splits"/> when set; else enough (row tile × split) CTAs for about two waves of the device, with chunks of at
     /// least 512 keys, at most <see cref="MaxSplits"/>. The scores depend on it only through fp32 rounding of the LSE merge.
     /// </summary>
     /// <exception cref="ArgumentException">The spec is invalid or <paramref name="longestRow"/> is negative.</exception>
@@ -258,6 +258,7 @@ public sealed class TokenScoreKernels
     {
         spec.Validate();
         ArgumentOutOfRangeException.ThrowIfNegative(longestRow);
+        if (spec.Splits > 0) return spec.Splits;
         long ctas = (long)spec.BatchSize * spec.NumKvHeads * RowTiles(spec);
         if (ctas == 0 || longestRow == 0) return 1;
         long target = 2L * Math.Max(1, _device.Info.MultiprocessorCount) * 4;   // 4 CTAs of 4 warps per SM

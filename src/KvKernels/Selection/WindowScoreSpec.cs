@@ -69,6 +69,11 @@ public readonly record struct WindowScoreSpec(int BatchSize, int WindowSize, int
     /// <summary>Reduction over the g query heads of a KV head (default <see cref="ScoreReduction.Sum"/>).</summary>
     public ScoreReduction GroupReduction { get; init; }
 
+    /// <summary>GPU key splits of the first (LSE) pass: 0 chooses from the SM count and the longest row; ≥ 1 forces (up to
+    /// <see cref="TokenScoreKernels.MaxSplits"/>, clamped to what the workspace holds). The result does not depend on it beyond
+    /// fp32 rounding.</summary>
+    public int Splits { get; init; }
+
     /// <summary>Hq / Hkv.</summary>
     public int GroupSize => NumQueryHeads / NumKvHeads;
 
@@ -115,6 +120,8 @@ public readonly record struct WindowScoreSpec(int BatchSize, int WindowSize, int
         if (!float.IsFinite(Scale)) throw new ArgumentException($"Scale is {Scale}; expected a finite value (0 for 1/√HeadDim).", p);
         if (WindowReduction is not (ScoreReduction.Sum or ScoreReduction.Mean or ScoreReduction.Max))
             throw new ArgumentException($"WindowReduction is {WindowReduction}; expected Sum, Mean or Max.", p);
+        if (Splits < 0 || Splits > TokenScoreKernels.MaxSplits)
+            throw new ArgumentException($"Splits is {Splits}; expected 0 (heuristic) or 1..{TokenScoreKernels.MaxSplits}.", p);
         if (!Enum.IsDefined(GroupReduction)) throw new ArgumentException($"GroupReduction is {GroupReduction}; expected Sum, Mean, Max or None.", p);
         Storage.Validate();
         if (WindowSize < 1 || WindowSize > Cache.MaxTokens)
