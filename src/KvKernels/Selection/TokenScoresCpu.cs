@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using static KvKernels.Attention.DecodeAttentionCpuMath;
 
 namespace KvKernels.Selection;
@@ -78,7 +79,7 @@ public static unsafe partial class TokenScoresCpu
         {
             var job = new CacheNormJob<T>(spec, k, v, len, table, kn, vn);
             long bytes = spec.OutputElements * spec.HeadDim * sizeof(T) * ((keyNorms.IsEmpty ? 0 : 1) + (valueNorms.IsEmpty ? 0 : 1));
-            Run(ref job, spec.Rows * spec.NumKvHeads, bytes);
+            Run(ref job, spec.Rows * CacheNormJob<T>.Blocks(spec), bytes);
         }
     }
 
@@ -132,8 +133,52 @@ public static unsafe partial class TokenScoresCpu
                 if (left > 7) a7 += Vector256.Abs(Vector256.Load(x + 56));
             }
         }
-        float sum = Fold(Fold(a0), Fold(a1), Fold(a2), Fold(a3), Fold(a4), Fold(a5), Fold(a6), Fold(a7));
+        float sum = Avx.IsSupported ? FoldLanesAvx(a0, a1, a2, a3, a4, a5, a6, a7) : FoldLanes(a0, a1, a2, a3, a4, a5, a6, a7);
         return kind == VectorNorm.L2 ? MathF.Sqrt(sum) : sum;
+    }
+
+    /// <summary>The GPU's fold of 8 lanes' accumulators (lane l in <c>a_l</c>, one element per position): each lane's
+    /// 8 values folded, then the 8 lane values folded, both as <see cref="Fold(float, float, float, float, float, float, float, float)"/>.</summary>
+    internal static float FoldLanes(Vector256<float> a0, Vector256<float> a1, Vector256<float> a2, Vector256<float> a3,
+        Vector256<float> a4, Vector256<float> a5, Vector256<float> a6, Vector256<float> a7) =>
+        Fold(Fold(a0), Fold(a1), Fold(a2), Fold(a3), Fold(a4), Fold(a5), Fold(a6), Fold(a7));
+
+    /// <summary>
+    /// <see cref="FoldLanes"/> with one 8×8 transpose instead of 64 element extractions: after it, register <c>T_e</c>
+    /// holds element e of every lane, so the in-lane fold is the same tree of vertical adds (lane l of the result is
+    /// lane l's fold, with the same association), and one more fold combines the lanes. Bit-identical to FoldLanes.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static float FoldLanesAvx(Vector256<float> a0, Vector256<float> a1, Vector256<float> a2, Vector256<float> a3,
+        Vector256<float> a4, Vector256<float> a5, Vector256<float> a6, Vector256<float> a7)
+    {
+        // Rows r_l = a_l; the standard unpack / shuffle / permute transpose.
+        var t0 = Avx.UnpackLow(a0, a1);    // r0[0] r1[0] r0[1] r1[1] | r0[4] r1[4] r0[5] r1[5]
+        var t1 = Avx.UnpackHigh(a0, a1);   // r0[2] r1[2] r0[3] r1[3] | r0[6] r1[6] r0[7] r1[7]
+        var t2 = Avx.UnpackLow(a2, a3);
+        var t3 = Avx.UnpackHigh(a2, a3);
+        var t4 = Avx.UnpackLow(a4, a5);
+        var t5 = Avx.UnpackHigh(a4, a5);
+        var t6 = Avx.UnpackLow(a6, a7);
+        var t7 = Avx.UnpackHigh(a6, a7);
+        var u0 = Avx.Shuffle(t0, t2, 0x44);   // r0..3[0] | r0..3[4]
+        var u1 = Avx.Shuffle(t0, t2, 0xEE);   // r0..3[1] | r0..3[5]
+        var u2 = Avx.Shuffle(t1, t3, 0x44);   // r0..3[2] | r0..3[6]
+        var u3 = Avx.Shuffle(t1, t3, 0xEE);   // r0..3[3] | r0..3[7]
+        var u4 = Avx.Shuffle(t4, t6, 0x44);
+        var u5 = Avx.Shuffle(t4, t6, 0xEE);
+        var u6 = Avx.Shuffle(t5, t7, 0x44);
+        var u7 = Avx.Shuffle(t5, t7, 0xEE);
+        var e0 = Avx.Permute2x128(u0, u4, 0x20);
+        var e4 = Avx.Permute2x128(u0, u4, 0x31);
+        var e1 = Avx.Permute2x128(u1, u5, 0x20);
+        var e5 = Avx.Permute2x128(u1, u5, 0x31);
+        var e2 = Avx.Permute2x128(u2, u6, 0x20);
+        var e6 = Avx.Permute2x128(u2, u6, 0x31);
+        var e3 = Avx.Permute2x128(u3, u7, 0x20);
+        var e7 = Avx.Permute2x128(u3, u7, 0x31);
+        var lanes = ((e0 + e4) + (e2 + e6)) + ((e1 + e5) + (e3 + e7));
+        return Fold(lanes);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -166,33 +211,43 @@ public static unsafe partial class TokenScoresCpu
         });
     }
 
-    /// <summary>One (row, head) of <see cref="CacheNorms{T}"/>: its MaxTokens outputs.</summary>
+    /// <summary>Tokens per item of <see cref="CacheNorms{T}"/>.</summary>
+    private const int NormBlockTokens = 256;
+
+    /// <summary>A block of <see cref="NormBlockTokens"/> tokens of one row of <see cref="CacheNorms{T}"/>, every head (token
+    /// outer, head inner: in NHD storage that reads each token's rows contiguously).</summary>
     private readonly struct CacheNormJob<T>(in CacheNormSpec spec, T* keys, T* values, int* lengths, int* table, float* keyNorms, float* valueNorms)
         : IRangeJob where T : unmanaged
     {
         private readonly CacheNormSpec _spec = spec;
+
+        public static int Blocks(in CacheNormSpec spec) => (spec.Cache.MaxTokens + NormBlockTokens - 1) / NormBlockTokens;
 
         public void Execute(int index)
         {
             var storage = _spec.Storage;
             var cache = _spec.Cache;
             int heads = _spec.NumKvHeads, dim = _spec.HeadDim, maxTokens = cache.MaxTokens;
-            int r = index / heads, h = index - r * heads;
+            int blocks = Blocks(_spec);
+            int r = index / blocks, start = (index - r * blocks) * NormBlockTokens, end = Math.Min(maxTokens, start + NormBlockTokens);
             int length = lengths[r];
-            long output = (long)index * maxTokens;
             float* scratch = stackalloc float[MaxRow];
-            for (int n = 0; n < maxTokens; n++)
+            for (int n = start; n < end; n++)
             {
-                float kn = 0, vn = 0;
-                if (n < length)
+                int page = cache.IsPaged && n < length ? table[(long)r * cache.MaxPagesPerSequence + n / cache.PageSize] : 0;
+                for (int h = 0; h < heads; h++)
                 {
-                    int page = cache.IsPaged ? table[(long)r * cache.MaxPagesPerSequence + n / cache.PageSize] : 0;
-                    long offset = storage.StorageOffset(r, n, page, h, dim);
-                    if (keyNorms != null) kn = RowNorm(keys + offset, dim, _spec.KeyNorm, scratch);
-                    if (valueNorms != null) vn = RowNorm(values + offset, dim, _spec.ValueNorm, scratch);
+                    long output = ((long)r * heads + h) * maxTokens + n;
+                    float kn = 0, vn = 0;
+                    if (n < length)
+                    {
+                        long offset = storage.StorageOffset(r, n, page, h, dim);
+                        if (keyNorms != null) kn = RowNorm(keys + offset, dim, _spec.KeyNorm, scratch);
+                        if (valueNorms != null) vn = RowNorm(values + offset, dim, _spec.ValueNorm, scratch);
+                    }
+                    if (keyNorms != null) keyNorms[output] = kn;
+                    if (valueNorms != null) valueNorms[output] = vn;
                 }
-                if (keyNorms != null) keyNorms[output + n] = kn;
-                if (valueNorms != null) valueNorms[output + n] = vn;
             }
         }
     }

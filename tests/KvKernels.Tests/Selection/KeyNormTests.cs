@@ -228,6 +228,26 @@ public sealed class KeyNormTests(Backends backends)
     }
 
     [Fact]
+    public void TransposedFold_IsBitIdenticalToTheScalarFold()
+    {
+        if (!System.Runtime.Intrinsics.X86.Avx.IsSupported) Assert.Skip("No AVX here: the CPU twin uses the scalar fold only.");
+        var rng = new Random(5);
+        for (int trial = 0; trial < 200; trial++)
+        {
+            var a = new System.Runtime.Intrinsics.Vector256<float>[8];
+            for (int l = 0; l < 8; l++)
+            {
+                var values = new float[8];
+                for (int e = 0; e < 8; e++) values[e] = ScoreData.Normal(rng) * MathF.Pow(10, rng.Next(-3, 4));
+                a[l] = System.Runtime.Intrinsics.Vector256.Create(values);
+            }
+            float scalar = TokenScoresCpu.FoldLanes(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+            float avx = TokenScoresCpu.FoldLanesAvx(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+            Assert.Equal(BitConverter.SingleToInt32Bits(scalar), BitConverter.SingleToInt32Bits(avx));
+        }
+    }
+
+    [Fact]
     public void RowNorm_FollowsTheBlockedOrder_NotASequentialSum()
     {
         // 128 elements whose plain left-to-right fp32 sum of squares differs from the blocked order: the CPU twin must
