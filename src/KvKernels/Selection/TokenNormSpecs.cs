@@ -136,8 +136,7 @@ public readonly record struct CacheNormSpec(int Rows, int NumKvHeads, int HeadDi
     /// <summary>
     /// Checks <see cref="Validate"/>, the element type (fp16 or bf16) and every buffer length. A tensor counts as given
     /// when it or its output is non-empty, and then both must have their full lengths; at least one of keys and values is
-    /// given (unless the problem is empty). The block table is empty for
-    /// contiguous storage.
+    /// given (unless the problem is empty). The block table is empty for contiguous storage.
     /// </summary>
     /// <exception cref="ArgumentException">Names the offending parameter and what was expected.</exception>
     public void ValidateBuffers<T>(long keys, long values, int lengths, long blockTable, long keyNorms, long valueNorms) where T : unmanaged

@@ -227,6 +227,46 @@ public sealed class KeyNormTests(Backends backends)
         Assert.Equal(-1, ScoreData.FirstBitDifference(valueNorms.ToArray(), expectedValues));
     }
 
+    [Theory]
+    [InlineData(KvLayout.Nhd)]
+    [InlineData(KvLayout.Hnd)]
+    public void AppendNorms_AgreeWithCacheNormsOfTheSameCache(KvLayout layout)
+    {
+        // An engine's path: append 2 sequences' tokens into a paged pool (PagedKvCache.Append) and keep the slot-indexed
+        // norms; later, the whole-cache norms through the block table must be the same bits at every (sequence, token, head).
+        var pool = new PagedKvLayout(9, 7, 3, 72, layout);
+        int[] lengths = [19, 12];
+        int[] table = [4, 0, 7, 2, 8, 5];   // [2, 3]: sequence 0 uses pages 4, 0, 7; sequence 1 uses 2, 8
+        var slots = new List<int>();
+        for (int b = 0; b < 2; b++)
+            for (int n = 0; n < lengths[b]; n++) slots.Add(table[b * 3 + n / 7] * 7 + n % 7);
+        var rng = new Random(9);
+        var keys = ScoreData.Rows<BFloat16>(rng, slots.Count * 3L, 72, ScoreData.Outliers(rng, 72));
+        var values = ScoreData.Rows<BFloat16>(rng, slots.Count * 3L, 72);
+        var append = new PagedAppendSpec(pool, slots.Count);
+        var keyPool = new BFloat16[pool.PoolElements];
+        var valuePool = new BFloat16[pool.PoolElements];
+        PagedKvCache.Append<BFloat16>(append, keys, values, [.. slots], keyPool, valuePool);
+        var appendSpec = new AppendNormSpec(append);
+        var slotKeyNorms = new float[appendSpec.NormElements];
+        var slotValueNorms = new float[appendSpec.NormElements];
+        TokenScoresCpu.AppendNorms<BFloat16>(appendSpec, keys, values, [.. slots], slotKeyNorms, slotValueNorms);
+
+        var cacheSpec = new CacheNormSpec(2, 3, 72, KvCacheShape.Paged(9, 7, 3, layout));
+        var keyNorms = new float[cacheSpec.OutputElements];
+        var valueNorms = new float[cacheSpec.OutputElements];
+        TokenScoresCpu.CacheNorms<BFloat16>(cacheSpec, keyPool, valuePool, lengths, table, keyNorms, valueNorms);
+        int t = 0;
+        for (int b = 0; b < 2; b++)
+            for (int n = 0; n < lengths[b]; n++, t++)
+                for (int h = 0; h < 3; h++)
+                {
+                    int cache = (b * 3 + h) * cacheSpec.Cache.MaxTokens + n, slot = slots[t] * 3 + h;
+                    Assert.Equal(BitConverter.SingleToInt32Bits(slotKeyNorms[slot]), BitConverter.SingleToInt32Bits(keyNorms[cache]));
+                    Assert.Equal(BitConverter.SingleToInt32Bits(slotValueNorms[slot]), BitConverter.SingleToInt32Bits(valueNorms[cache]));
+                }
+    }
+
     [Fact]
     public void TransposedFold_IsBitIdenticalToTheScalarFold()
     {
