@@ -35,5 +35,6 @@ public static class KernelCatalog
         .. KvQuantKernels.Specializations.Select(s => new CatalogEntry("quant", s, KvQuantKernels.EntryPoints)),
         .. QuantizedAttentionKernels.Specializations.Select(s => new CatalogEntry("quant", s, QuantizedAttentionKernels.EntryPoints)),
         .. CompactionKernels.Specializations.Select(s => new CatalogEntry("selection", s, CompactionKernels.EntryPoints)),
+        .. TokenScoreKernels.Specializations.Select(s => new CatalogEntry("selection", s, TokenScoreKernels.EntryPoints)),
     ];
 }

@@ -9,5 +9,6 @@ internal static class VerificationRegistry
         .. AttentionVerifications.All,
         .. MlaVerifications.All,
         .. QuantVerifications.All,
+        .. ScoreVerifications.All,
     ];
 }
