@@ -50,6 +50,15 @@ public sealed class Backends : IDisposable
     /// <summary>Backend names for theory data.</summary>
     public static TheoryData<string> Names => new(All);
 
+    /// <summary>(backend, case index) for every backend and each of <paramref name="cases"/> cases.</summary>
+    public static TheoryData<string, int> CasesOnEach(int cases)
+    {
+        var data = new TheoryData<string, int>();
+        foreach (var backend in All)
+            for (int i = 0; i < cases; i++) data.Add(backend, i);
+        return data;
+    }
+
     /// <summary>The device for <paramref name="backend"/>, or a skip with the reason it is missing.</summary>
     public CudaDevice Get(string backend) => backend switch
     {

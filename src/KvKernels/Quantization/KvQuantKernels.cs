@@ -142,13 +142,7 @@ public sealed class KvQuantKernels
         args.AddPointer(groupParams.Pointer);
         args.Add(spec.SlotCount);
         args.Add(spec.Stride);
-        args.Add(pool.Pages.NumKvHeads);
-        args.Add(pool.Pages.HeadDim);
-        args.Add(pool.Pages.PageSize);
-        args.Add(pool.Pages.Layout == KvLayout.Hnd ? 1 : 0);
-        args.Add(pool.TokenGroups ? 1 : 0);
-        args.Add(pool.Format.HasGroupParams ? pool.Group : 0);
-        args.Add((int)pool.Format.Granularity);
+        AddPool(ref args, pool);
         args.Add(pool.Format.Convention == Fp8ScaleConvention.MultiplyReciprocal ? 1 : 0);
         Kernel<T>(pool.Format, 0).Launch(new Dim3(Blocks(work)), Threads, 0, stream, ref args);
     }
@@ -195,13 +189,7 @@ public sealed class KvQuantKernels
         args.Add(spec.BatchSize);
         args.Add(spec.MaxPagesPerSequence);
         args.Add(spec.MaxTokens);
-        args.Add(pool.Pages.NumKvHeads);
-        args.Add(pool.Pages.HeadDim);
-        args.Add(pool.Pages.PageSize);
-        args.Add(pool.Pages.Layout == KvLayout.Hnd ? 1 : 0);
-        args.Add(pool.TokenGroups ? 1 : 0);
-        args.Add(pool.Format.HasGroupParams ? pool.Group : 0);
-        args.Add((int)pool.Format.Granularity);
+        AddPool(ref args, pool);
         Kernel<T>(pool.Format, 1).Launch(new Dim3(Blocks(spec.DestinationElements / 8)), Threads, 0, stream, ref args);
     }
 
@@ -245,6 +233,18 @@ public sealed class KvQuantKernels
         finish.Add(divisor);
         finish.Add(scales.Scales);
         Kernel<T>(format, 3).Launch(new Dim3((uint)((count + Threads - 1) / Threads)), Threads, 0, stream, ref finish);
+    }
+
+    /// <summary>The pool arguments both kernels take in this order: Hkv, D, page size, HND, token axis, group, granularity.</summary>
+    private static void AddPool(ref KernelArguments args, in QuantizedKvPool pool)
+    {
+        args.Add(pool.Pages.NumKvHeads);
+        args.Add(pool.Pages.HeadDim);
+        args.Add(pool.Pages.PageSize);
+        args.Add(pool.Pages.Layout == KvLayout.Hnd ? 1 : 0);
+        args.Add(pool.TokenGroups ? 1 : 0);
+        args.Add(pool.Format.HasGroupParams ? pool.Group : 0);
+        args.Add((int)pool.Format.Granularity);
     }
 
     private CudaKernel Kernel<T>(in KvFormat format, int entry)

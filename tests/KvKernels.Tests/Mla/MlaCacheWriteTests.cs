@@ -36,16 +36,7 @@ public sealed class MlaCacheWriteTests(Backends backends)
 
     public static TheoryData<int> CaseIndices => new(Enumerable.Range(0, Cases.Count));
 
-    public static TheoryData<string, int> BackendCases
-    {
-        get
-        {
-            var data = new TheoryData<string, int>();
-            foreach (var backend in Backends.All)
-                for (int i = 0; i < Cases.Count; i++) data.Add(backend, i);
-            return data;
-        }
-    }
+    public static TheoryData<string, int> BackendCases => Backends.CasesOnEach(Cases.Count);
 
     /// <summary>Inputs of one case: latent, k_pe (views of one fused buffer when the spec has strides), positions,
     /// slots (random distinct, every PadEvery-th −1), weight.</summary>

@@ -39,16 +39,7 @@ public sealed class KvQuantTests(Backends backends)
 
     public static TheoryData<int> CaseIndices => new(Enumerable.Range(0, Cases.Count));
 
-    public static TheoryData<string, int> BackendCases
-    {
-        get
-        {
-            var data = new TheoryData<string, int>();
-            foreach (var backend in Backends.All)
-                for (int i = 0; i < Cases.Count; i++) data.Add(backend, i);
-            return data;
-        }
-    }
+    public static TheoryData<string, int> BackendCases => Backends.CasesOnEach(Cases.Count);
 
     /// <summary>Inputs: source rows (keys-like: a few outlier channels), slots (random distinct, every PadEvery-th −1; per
     /// group for token groups), given scales; token 0 head 0 is all zeros and token 1 head 0 (or channel 1 of the first

@@ -37,16 +37,7 @@ public sealed class QuantizedAttentionTests(Backends backends)
 
     public static TheoryData<int> CaseIndices => new(Enumerable.Range(0, Cases.Count));
 
-    public static TheoryData<string, int> BackendCases
-    {
-        get
-        {
-            var data = new TheoryData<string, int>();
-            foreach (var backend in Backends.All)
-                for (int i = 0; i < Cases.Count; i++) data.Add(backend, i);
-            return data;
-        }
-    }
+    public static TheoryData<string, int> BackendCases => Backends.CasesOnEach(Cases.Count);
 
     /// <summary>A quantized cache: every slot of both pools written from random keys (outlier channels) and values; block
     /// table = the pages in a shuffled order, sequence by sequence.</summary>

@@ -30,16 +30,7 @@ public sealed class CompactionTests(Backends backends)
 
     public static TheoryData<int> CaseIndices => new(Enumerable.Range(0, Cases.Count));
 
-    public static TheoryData<string, int> BackendCases
-    {
-        get
-        {
-            var data = new TheoryData<string, int>();
-            foreach (var backend in Backends.All)
-                for (int i = 0; i < Cases.Count; i++) data.Add(backend, i);
-            return data;
-        }
-    }
+    public static TheoryData<string, int> BackendCases => Backends.CasesOnEach(Cases.Count);
 
     /// <summary>Indices of one case: a shuffled source table, kept sets (random ascending subsets, count ≤ min(k, L)),
     /// a destination table from the allocator.</summary>

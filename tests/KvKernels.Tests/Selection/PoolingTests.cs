@@ -33,16 +33,7 @@ public sealed class PoolingTests(Backends backends)
 
     public static TheoryData<int> CaseIndices => new(Enumerable.Range(0, Cases.Count));
 
-    public static TheoryData<string, int> BackendCases
-    {
-        get
-        {
-            var data = new TheoryData<string, int>();
-            foreach (var backend in Backends.All)
-                for (int i = 0; i < Cases.Count; i++) data.Add(backend, i);
-            return data;
-        }
-    }
+    public static TheoryData<string, int> BackendCases => Backends.CasesOnEach(Cases.Count);
 
     /// <summary>Scores-like input: positive, heavy-tailed (some spikes), plus a few exact zeros and negatives.</summary>
     private static float[] Input(PoolingSpec spec, int seed)
