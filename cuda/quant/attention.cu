@@ -10,7 +10,8 @@
 //                            each split writes its normalised fp32 partial and LSE; quant_merge_splits combines.
 //   quant_merge_splits       the split combine (kvk_merge.cuh).
 //
-// Compile-time macros: HEAD_DIM (multiple of 32, 32..256); INPUT_BF16 (query and group parameters fp16/bf16);
+// Compile-time macros: HEAD_DIM (multiple of 32, 32..256); QUERY_ROWS (4, 8 or 16 query rows per CTA; at most 8
+// above D = 128); INPUT_BF16 (query and group parameters fp16/bf16);
 // OUT_TYPE (0 fp16, 1 bf16, 2 fp32); K_CODEC / V_CODEC (kvk_quant.cuh ids), K_BITS / V_BITS, K_TOKENS /
 // V_TOKENS (1: asymmetric groups along tokens). Run-time: layout, group sizes, scale granularities.
 //
@@ -55,6 +56,9 @@
 #ifndef V_TOKENS
 #define V_TOKENS 0
 #endif
+#ifndef QUERY_ROWS
+#define QUERY_ROWS (HEAD_DIM <= 128 ? 16 : 8)
+#endif
 
 #include "common/kvk_input.cuh"
 
@@ -63,6 +67,7 @@ static_assert(OUT_TYPE >= 0 && OUT_TYPE <= 2, "OUT_TYPE must be 0, 1 or 2");
 static_assert(K_CODEC >= 0 && K_CODEC <= 3 && V_CODEC >= 0 && V_CODEC <= 3, "codec ids are 0..3");
 static_assert((K_CODEC == 3 || K_BITS == 8) && (V_CODEC == 3 || V_BITS == 8), "fp8 and int8 codes are 8 bits");
 static_assert((K_TOKENS == 0 || K_CODEC == 3) && (V_TOKENS == 0 || V_CODEC == 3), "token groups are asymmetric");
+static_assert(QUERY_ROWS == 4 || QUERY_ROWS == 8 || QUERY_ROWS == 16, "QUERY_ROWS must be 4, 8 or 16");
 
 namespace kvk_qattn {
 
@@ -79,7 +84,8 @@ enum : int {
     kThreads = kWarps * 32,
     kDim = HEAD_DIM,
     kE = HEAD_DIM / 32,                 // channels per lane
-    kRows = kE <= 4 ? 16 : 8,           // query rows per CTA (host: QuantizedAttentionKernels.RowsPerCta)
+    kRows = QUERY_ROWS,                 // query rows per CTA (host: QuantizedAttentionKernels.RowsPerCta): registers
+                                        // hold kRows x E accumulators, so the host picks the fewest that cover the group
     kUnroll = 4,                        // tokens per warp step
 };
 

@@ -225,21 +225,23 @@ public sealed class QuantizedAttentionKernels
     /// <summary>Entry points of every specialization.</summary>
     public static IReadOnlyList<string> EntryPoints { get; } = ["quant_decode_attention", "quant_merge_splits"];
 
-    /// <summary>The shipped specializations: D = 128, bf16 and fp16, K/V in fp8 e4m3, int8, KIVI-4 and KIVI-2.</summary>
+    /// <summary>The shipped specializations: D = 128, bf16 and fp16, 4 and 8 query rows (GQA groups of 4 and 8), K/V in
+    /// fp8 e4m3, int8, KIVI-4 and KIVI-2.</summary>
     public static IReadOnlyList<KernelSpecialization> Specializations { get; } =
     [
         .. from type in new[] { AttentionElement.BFloat16, AttentionElement.Float16 }
+           from rows in new[] { 4, 8 }
            from pair in new[]
            {
                (KvFormat.Fp8E4M3(), KvFormat.Fp8E4M3()), (KvFormat.Int8(), KvFormat.Int8()),
                (KvFormat.KiviKeys(4), KvFormat.KiviValues(4)), (KvFormat.KiviKeys(2), KvFormat.KiviValues(2)),
            }
-           select Specialize(128, type, type, pair.Item1, pair.Item2),
+           select Specialize(128, rows, type, type, pair.Item1, pair.Item2),
     ];
 
     private const int Threads = 128;
     private readonly CudaDevice _device;
-    private readonly Dictionary<(int, AttentionElement, AttentionElement, KvFormat, KvFormat), (CudaKernel Decode, CudaKernel Merge)> _modules = [];
+    private readonly Dictionary<(int, int, AttentionElement, AttentionElement, KvFormat, KvFormat), (CudaKernel Decode, CudaKernel Merge)> _modules = [];
 
     /// <summary>Binds the op to <paramref name="device"/>; kernels compile on first use of each specialization.</summary>
     public QuantizedAttentionKernels(CudaDevice device)
@@ -248,11 +250,13 @@ public sealed class QuantizedAttentionKernels
         _device = device;
     }
 
-    /// <summary>Query rows one CTA holds (the kernel's kRows).</summary>
-    internal static int RowsPerCta(int headDim) => headDim / 32 <= 4 ? 16 : 8;
+    /// <summary>Query rows one CTA holds (the kernel's QUERY_ROWS): the fewest of 4, 8, 16 that cover the q_len × group
+    /// rows of a KV head, at most 8 above D = 128 (registers hold rows × D/32 accumulators per lane).</summary>
+    internal static int RowsPerCta(int headDim, int packedRows) =>
+        Math.Min(headDim <= 128 ? 16 : 8, packedRows <= 4 ? 4 : packedRows <= 8 ? 8 : 16);
 
-    internal static KernelSpecialization Specialize(int headDim, AttentionElement input, AttentionElement output, KvFormat k, KvFormat v) =>
-        KernelSpecialization.Create(Source, ("HEAD_DIM", headDim), ("INPUT_BF16", input == AttentionElement.BFloat16 ? 1 : 0),
+    internal static KernelSpecialization Specialize(int headDim, int rows, AttentionElement input, AttentionElement output, KvFormat k, KvFormat v) =>
+        KernelSpecialization.Create(Source, ("HEAD_DIM", headDim), ("QUERY_ROWS", rows), ("INPUT_BF16", input == AttentionElement.BFloat16 ? 1 : 0),
             ("OUT_TYPE", (int)output), ("K_CODEC", CodecId(k)), ("K_BITS", k.Bits), ("K_TOKENS", k.Codec == KvCodec.Asymmetric && k.Axis == KvGroupAxis.Tokens ? 1 : 0),
             ("V_CODEC", CodecId(v)), ("V_BITS", v.Bits), ("V_TOKENS", v.Codec == KvCodec.Asymmetric && v.Axis == KvGroupAxis.Tokens ? 1 : 0));
 
@@ -292,7 +296,8 @@ public sealed class QuantizedAttentionKernels
         if (workspace is not null && !ReferenceEquals(workspace.Device, _device)) throw new ArgumentException("The workspace belongs to another device.", nameof(workspace));
         if (spec.BatchSize == 0) return;
 
-        int rowTiles = (spec.QueryLength * (spec.NumQueryHeads / spec.NumKvHeads) + RowsPerCta(spec.HeadDim) - 1) / RowsPerCta(spec.HeadDim);
+        int packedRows = spec.QueryLength * (spec.NumQueryHeads / spec.NumKvHeads), rows = RowsPerCta(spec.HeadDim, packedRows);
+        int rowTiles = (packedRows + rows - 1) / rows;
         long ctas = (long)spec.BatchSize * spec.NumKvHeads * rowTiles;
         int splits = 1;
         if (workspace is not null && workspace.MaxQueryRows >= spec.Rows && workspace.MaxOutputDim >= spec.HeadDim)
@@ -301,7 +306,7 @@ public sealed class QuantizedAttentionKernels
                 : (int)Math.Clamp(2L * _device.Info.MultiprocessorCount / Math.Max(1, ctas), 1, Math.Max(1, table.LongestSequence / 256));
             splits = Math.Clamp(wanted, 1, workspace.MaxSplits);
         }
-        var (decode, merge) = Module((spec.HeadDim, spec.InputType, spec.OutputType, spec.KeyFormat, spec.ValueFormat));
+        var (decode, merge) = Module((spec.HeadDim, rows, spec.InputType, spec.OutputType, spec.KeyFormat, spec.ValueFormat));
 
         var args = new KernelArguments();
         args.Add(query);
@@ -362,12 +367,12 @@ public sealed class QuantizedAttentionKernels
             throw new ArgumentException($"{name}.GroupParams has {t.GroupParams.Length} elements; {pool.Format} needs {pool.GroupParamCount}.", name);
     }
 
-    private (CudaKernel Decode, CudaKernel Merge) Module((int D, AttentionElement In, AttentionElement Out, KvFormat K, KvFormat V) key)
+    private (CudaKernel Decode, CudaKernel Merge) Module((int D, int Rows, AttentionElement In, AttentionElement Out, KvFormat K, KvFormat V) key)
     {
         lock (_modules)
         {
             if (_modules.TryGetValue(key, out var module)) return module;
-            var loaded = _device.LoadModule(Specialize(key.D, key.In, key.Out, key.K, key.V));
+            var loaded = _device.LoadModule(Specialize(key.D, key.Rows, key.In, key.Out, key.K, key.V));
             module = (loaded.GetKernel(EntryPoints[0]), loaded.GetKernel(EntryPoints[1]));
             _modules[key] = module;
             return module;
