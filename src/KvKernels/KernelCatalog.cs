@@ -2,6 +2,7 @@ using KvKernels.Attention;
 using KvKernels.Compilation;
 using KvKernels.Mla;
 using KvKernels.Paging;
+using KvKernels.Selection;
 
 namespace KvKernels;
 
@@ -30,5 +31,6 @@ public static class KernelCatalog
         .. DecodeAttentionKernels.Specializations.Select(s => new CatalogEntry("attention", s, DecodeAttentionKernels.EntryPoints)),
         .. MlaAbsorbKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaAbsorbKernels.EntryPoints)),
         .. MlaCacheKernels.Specializations.Select(s => new CatalogEntry("mla", s, MlaCacheKernels.EntryPoints)),
+        .. SelectionKernels.Specializations.Select(s => new CatalogEntry("selection", s, SelectionKernels.EntryPoints)),
     ];
 }
