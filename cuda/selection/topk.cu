@@ -592,6 +592,7 @@ KVK_INLINE Selection select(const Src& src, kvk_u32 need, kvk_u32* keys, kvk_u32
         src.template tiles<true>(exact);
         count = exact.count;
         buffered = true;
+        __syncthreads();   // the buffer is complete before anyone reads it (refine may return without a barrier)
     }
 
     // 4. The rest of the select.
