@@ -98,10 +98,21 @@ KVK_INLINE kvk_u32 order_key(kvk_u32 bits, bool smallest)
     return smallest ? ~key : key;
 }
 
-struct Shared {
+struct Storage {
     kvk_u32 hist[kBins];
-    kvk_u32 scan[kWarps + 1];
+    kvk_u32 scan[2][kWarps];
     kvk_u32 word[4];
+};
+
+// Each thread's handle on the block's shared storage, plus the phase of its block-wide scans (every thread makes the
+// same sequence of scans, so the phase is the same in all of them).
+struct Shared {
+    kvk_u32 (&hist)[kBins];
+    kvk_u32 (&scan)[2][kWarps];
+    kvk_u32 (&word)[4];
+    kvk_u32 phase;
+
+    KVK_INLINE explicit Shared(Storage& s) : hist(s.hist), scan(s.scan), word(s.word), phase(0) {}
 };
 
 // ---- block-wide prefix sums -------------------------------------------------------------------------------------
@@ -117,24 +128,22 @@ KVK_INLINE kvk_u32 warp_inclusive_sum(kvk_u32 v, kvk_u32 lane)
 }
 
 // Exclusive prefix sum of v over the block's threads in thread order; `total` is the block's sum. Every thread must
-// call it (three barriers; the scratch may be reused as soon as it returns).
+// call it. One barrier: each warp publishes its total, then every warp scans the kWarps totals itself. The totals
+// alternate between two arrays, so the next scan cannot overwrite what a slow warp still reads (the scan after next,
+// which reuses the array, waits at the next scan's barrier for every warp).
 KVK_INLINE kvk_u32 block_exclusive_sum(kvk_u32 v, Shared& sm, kvk_u32& total)
 {
     const kvk_u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    kvk_u32* totals = sm.scan[sm.phase & 1];
+    ++sm.phase;
     const kvk_u32 inclusive = warp_inclusive_sum(v, lane);
-    if (lane == 31) sm.scan[warp] = inclusive;
+    if (lane == 31) totals[warp] = inclusive;
     __syncthreads();
-    if (warp == 0) {
-        const kvk_u32 w = lane < kWarps ? sm.scan[lane] : 0;
-        const kvk_u32 wi = warp_inclusive_sum(w, lane);
-        if (lane < kWarps) sm.scan[lane] = wi - w;
-        if (lane == 31) sm.scan[kWarps] = wi;
-    }
-    __syncthreads();
-    const kvk_u32 result = sm.scan[warp] + inclusive - v;
-    total = sm.scan[kWarps];
-    __syncthreads();
-    return result;
+    const kvk_u32 w = lane < kWarps ? totals[lane] : 0;
+    const kvk_u32 wi = warp_inclusive_sum(w, lane);
+    total = __shfl_sync(0xFFFFFFFFu, wi, 31);
+    const kvk_u32 before = __shfl_sync(0xFFFFFFFFu, wi - w, warp);
+    return before + inclusive - v;
 }
 
 // ---- tiles: elements in position order ---------------------------------------------------------------------------
@@ -199,15 +208,26 @@ template <class KeyOf, class Visit>
 KVK_INLINE bool segment_tiles(const Segment& s, const KeyOf& keyOf, Visit& visit)
 {
     const kvk_u32 tid = threadIdx.x;
-    for (kvk_i64 t0 = aligned_start(s); t0 < s.end; t0 += kTile) {
+    // The next tile's vectors are loaded before the current tile is visited (its scan waits at a barrier), so the
+    // loads stay in flight across the barrier.
+    kvk_v16 next[kSub];
+    auto load = [&](kvk_i64 t0) {
+        KVK_UNROLL
+        for (int j = 0; j < kSub; ++j) {
+            const kvk_i64 e = t0 + ((kvk_i64)j * kThreads + tid) * 4;
+            next[j] = kvk_v16{};
+            if (e < s.end) next[j] = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(s.row + e));
+        }
+    };
+    kvk_i64 t0 = aligned_start(s);
+    load(t0);
+    for (; t0 < s.end; t0 += kTile) {
         SegmentTile tile;
         tile.valid = 0;
         KVK_UNROLL
         for (int j = 0; j < kSub; ++j) {
             const kvk_i64 e = t0 + ((kvk_i64)j * kThreads + tid) * 4;
-            kvk_v16 v = kvk_v16{};
-            if (e < s.end) v = kvk_ld_nc(reinterpret_cast<const kvk_v16*>(s.row + e));
-            const kvk_u32 w[4] = {v.x, v.y, v.z, v.w};
+            const kvk_u32 w[4] = {next[j].x, next[j].y, next[j].z, next[j].w};
             tile.base[j] = s.posBase + (kvk_u32)e;
             KVK_UNROLL
             for (int q = 0; q < 4; ++q) {
@@ -217,6 +237,7 @@ KVK_INLINE bool segment_tiles(const Segment& s, const KeyOf& keyOf, Visit& visit
                 tile.valid |= (in ? 1u : 0u) << (j * 4 + q);
             }
         }
+        load(t0 + kTile);
         if (!visit(tile)) return false;
     }
     return true;
@@ -394,9 +415,7 @@ KVK_INLINE BinPick find_bin(Shared& sm, kvk_u32 bins, kvk_u32 need)
         }
     }
     __syncthreads();
-    const BinPick pick{sm.word[0], sm.word[1], sm.word[2]};
-    __syncthreads();
-    return pick;
+    return BinPick{sm.word[0], sm.word[1], sm.word[2]};   // rewritten only after the next find_bin's first barrier
 }
 
 // Keep every element whose key has at least `prefix` in its top (32 - shift) bits.
@@ -626,7 +645,8 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
     kvk_u32* workspace, kvk_i32 rows, kvk_i32 columns, kvk_i32 k, kvk_i32 sinks, kvk_i32 recent,
     kvk_i32 smallest, kvk_i32 capacity)
 {
-    __shared__ Shared sm;
+    __shared__ Storage storage;
+    Shared sm(storage);
     if (rows <= 0 || columns <= 0 || k < 0 || sinks < 0 || recent < 0 || capacity < 0) return;
     kvk_u32* keys = workspace + (kvk_u64)blockIdx.x * 2 * (kvk_u32)capacity;
     kvk_u32* positions = keys + capacity;
@@ -681,7 +701,8 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
     kvk_i32 sequences, kvk_i32 heads, kvk_i32 columns, kvk_i32 budget, kvk_i32 width,
     kvk_i32 sinks, kvk_i32 recent, kvk_i32 smallest, kvk_i32 capacity)
 {
-    __shared__ Shared sm;
+    __shared__ Storage storage;
+    Shared sm(storage);
     if (sequences <= 0 || heads <= 0 || columns <= 0 || budget <= 0 || width < 0 || capacity < 0) return;
     const kvk_u64 stride = 2 * (kvk_u64)capacity + (((kvk_u32)budget + 3) & ~3u);   // 16-byte aligned buffers
     kvk_u32* keys = workspace + (kvk_u64)blockIdx.x * stride;
