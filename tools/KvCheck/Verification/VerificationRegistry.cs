@@ -8,5 +8,6 @@ internal static class VerificationRegistry
         .. PagingVerifications.All,
         .. AttentionVerifications.All,
         .. MlaVerifications.All,
+        .. SelectionVerifications.All,
     ];
 }
