@@ -1,21 +1,23 @@
 using System.Buffers;
-using System.Runtime.CompilerServices;
 
 namespace KvKernels.Selection;
 
 /// <summary>
 /// The CPU twin of the selection kernels (<c>cuda/selection/topk.cu</c>): the same functions, validated by the same
-/// specs, on host spans. Each row (or sequence, for <see cref="GlobalTopK"/>) is an exact radix select over the same
-/// 32-bit keys as the GPU (12 + 12 + 8 bits, a 4096-entry histogram on the stack), followed by one pass in position
-/// order that writes the kept indices; the result is the unique set that <see cref="TopKSpec"/> defines, so it equals
-/// the GPU's bit for bit. Large calls run in parallel over rows (sequences). No allocation on the serial path except
-/// <see cref="GlobalTopK"/>'s per-row forced-set rules (8 bytes per row, from <see cref="ArrayPool{T}"/>); the parallel
-/// path also allocates what <see cref="Parallel.For(int, int, Action{int})"/> needs (its closure and tasks).
+/// specs, on host spans. Each row (each sequence, for <see cref="GlobalTopK"/>) turns its scores into the kernel's
+/// 32-bit keys once (Vector256), runs an exact radix select over them (a 4096-bin histogram of the top 12 bits over
+/// all keys, then 12 + 8 more bits and the tie cutoff over the chosen bin's keys only), and writes the kept indices in
+/// one pass in position order. The result is the unique set that <see cref="TopKSpec"/> / <see cref="GlobalTopKSpec"/>
+/// define, so it equals the GPU's bit for bit.
+/// <para>Allocation: scratch from <see cref="ArrayPool{T}"/> once per call (serial) or once per worker task
+/// (parallel): two 32-bit words per score of a row (top-k) or of a sequence's rows (global: up to 8 · Heads · Columns
+/// bytes per worker), plus 8 bytes per row for the global selection's per-row rules. Large calls run in parallel over
+/// rows (sequences) with <see cref="Parallel.For(int, int, Action{int})"/>, which allocates its closure and tasks.</para>
 /// </summary>
 public static unsafe class SelectionCpu
 {
     /// <summary>Below this many score elements in total a call stays on the calling thread.</summary>
-    private const long ParallelThreshold = 1L << 16;
+    private const long ParallelThreshold = 1L << 17;
 
     /// <summary>
     /// Per-row top-k / bottom-k with protected ranges; see <see cref="TopKSpec"/> for the rule.
@@ -32,17 +34,15 @@ public static unsafe class SelectionCpu
         spec.ValidateBuffers(scores.Length, lengths.Length, indices.Length, counts.Length);
         spec.ValidateLengths(lengths);
         if (spec.Rows == 0) return;
-        var s = spec;
         fixed (float* pScores = scores)
         fixed (int* pLengths = lengths, pIndices = indices, pCounts = counts)
         {
-            var job = new TopKJob(s, pScores, pLengths, pIndices, pCounts);
-            if (Environment.ProcessorCount > 1 && spec.ScoreElements >= ParallelThreshold && spec.Rows > 1) TopKParallel(job, spec.Rows);
-            else job.Rows(0, spec.Rows);
+            var job = new TopKJob(spec, pScores, pLengths, pIndices, pCounts);
+            int scratch = 2 * spec.Columns;
+            if (Environment.ProcessorCount > 1 && spec.Rows > 1 && spec.ScoreElements >= ParallelThreshold) RunParallel(job.Row, spec.Rows, scratch);
+            else RunSerial(job.Row, 0, spec.Rows, scratch);
         }
     }
-
-    private static void TopKParallel(TopKJob job, int rows) => Parallel.For(0, rows, r => job.Rows(r, r + 1));
 
     /// <summary>
     /// Global top-k across the heads of each sequence with a per-head floor (AdaKV); see <see cref="GlobalTopKSpec"/>
@@ -58,9 +58,8 @@ public static unsafe class SelectionCpu
     public static void GlobalTopK(in GlobalTopKSpec spec, ReadOnlySpan<float> scores, ReadOnlySpan<int> lengths, Span<int> indices, Span<int> counts)
     {
         spec.ValidateBuffers(scores.Length, lengths.Length, indices.Length, counts.Length);
-        spec.ValidateLengths(lengths);
+        int longest = spec.ValidateLengths(lengths);
         if (spec.Rows == 0) return;
-        var s = spec;
         uint[] rules = ArrayPool<uint>.Shared.Rent(2 * spec.Rows);
         try
         {
@@ -68,14 +67,14 @@ public static unsafe class SelectionCpu
             fixed (int* pLengths = lengths, pIndices = indices, pCounts = counts)
             fixed (uint* pRules = rules)
             {
-                var job = new GlobalJob(s, pScores, pLengths, pIndices, pCounts, pRules);
+                var job = new GlobalJob(spec, pScores, pLengths, pIndices, pCounts, pRules);
                 bool parallel = Environment.ProcessorCount > 1 && spec.ScoreElements >= ParallelThreshold;
-                if (parallel) GlobalParallel(job, spec.Rows, spec.Sequences);
-                else
-                {
-                    job.ForcedRows(0, spec.Rows);
-                    job.Sequences(0, spec.Sequences);
-                }
+                int rowScratch = 2 * longest;
+                int sequenceScratch = 2 * (int)Math.Min(int.MaxValue / 2, (long)spec.Heads * longest);
+                if (parallel && spec.Rows > 1) RunParallel(job.ForcedRow, spec.Rows, rowScratch);
+                else RunSerial(job.ForcedRow, 0, spec.Rows, rowScratch);
+                if (parallel && spec.Sequences > 1) RunParallel(job.Sequence, spec.Sequences, sequenceScratch);
+                else RunSerial(job.Sequence, 0, spec.Sequences, sequenceScratch);
             }
         }
         finally
@@ -84,44 +83,65 @@ public static unsafe class SelectionCpu
         }
     }
 
-    private static void GlobalParallel(GlobalJob job, int rows, int sequences)
+    /// <summary>One unit of work (a row or a sequence) with a histogram and a scratch of 32-bit words.</summary>
+    private delegate void Unit(int index, int* hist, uint[] scratch);
+
+    private static void RunSerial(Unit unit, int first, int end, int scratchWords)
     {
-        Parallel.For(0, rows, r => job.ForcedRows(r, r + 1));
-        Parallel.For(0, sequences, q => job.Sequences(q, q + 1));
+        uint[] scratch = ArrayPool<uint>.Shared.Rent(Math.Max(1, scratchWords));
+        try
+        {
+            int* hist = stackalloc int[SelectionKeys.Bins];
+            for (int i = first; i < end; i++) unit(i, hist, scratch);
+        }
+        finally
+        {
+            ArrayPool<uint>.Shared.Return(scratch);
+        }
     }
+
+    /// <summary>Units in parallel; scratch is rented once per worker task, not per unit.</summary>
+    private static void RunParallel(Unit unit, int count, int scratchWords) =>
+        Parallel.For(0, count,
+            () => ArrayPool<uint>.Shared.Rent(Math.Max(1, scratchWords)),
+            (i, _, scratch) =>
+            {
+                int* hist = stackalloc int[SelectionKeys.Bins];
+                unit(i, hist, scratch);
+                return scratch;
+            },
+            scratch => ArrayPool<uint>.Shared.Return(scratch));
 
     // ---- jobs ------------------------------------------------------------------------------------------------------
 
     private sealed class TopKJob(TopKSpec spec, float* scores, int* lengths, int* indices, int* counts)
     {
-        public void Rows(int first, int end)
+        private readonly bool _smallest = spec.Order == SelectionOrder.Smallest;
+
+        public void Row(int r, int* hist, uint[] scratch)
         {
-            int* hist = stackalloc int[SelectionKeys.Bins];
-            bool smallest = spec.Order == SelectionOrder.Smallest;
-            int k = spec.K;
-            for (int r = first; r < end; r++)
+            int k = spec.K, length = lengths[r];
+            int* output = indices + (long)r * k;
+            if (length <= k)
             {
-                float* row = scores + (long)r * spec.Columns;
-                int length = lengths[r];
-                int* output = indices + (long)r * k;
-                if (length <= k)
-                {
-                    for (int j = 0; j < k; j++) output[j] = j < length ? j : -1;
-                    counts[r] = length;
-                    continue;
-                }
-                int s = spec.Sinks, rc = spec.Recent, need = k - s - rc;
-                for (int j = 0; j < s; j++) output[j] = j;
-                for (int j = 0; j < rc; j++) output[s + need + j] = length - rc + j;
-                if (need > 0)
-                {
-                    var list = new RowList(row, s, length - rc, smallest);
-                    var rule = SelectionKeys.Select(ref list, need, hist);
-                    var emit = new Emit(rule, output + s, 0);
-                    list.Visit(ref emit);
-                }
-                counts[r] = k;
+                for (int j = 0; j < k; j++) output[j] = j < length ? j : -1;
+                counts[r] = length;
+                return;
             }
+            int s = spec.Sinks, rc = spec.Recent, need = k - s - rc, middle = length - s - rc;
+            for (int j = 0; j < s; j++) output[j] = j;
+            for (int j = 0; j < rc; j++) output[s + need + j] = length - rc + j;
+            if (need > 0)
+            {
+                var keys = scratch.AsSpan(0, middle);
+                SelectionKeys.Keys(new ReadOnlySpan<float>(scores + (long)r * spec.Columns + s, middle), keys, _smallest);
+                var rule = SelectionKeys.Select(keys, need, hist, scratch.AsSpan(middle, middle));
+                int* kept = output + s;
+                int n = 0;
+                for (int e = 0; e < middle; e++)
+                    if (rule.Keeps(keys[e], (uint)e)) kept[n++] = s + e;
+            }
+            counts[r] = k;
         }
     }
 
@@ -129,104 +149,55 @@ public static unsafe class SelectionCpu
     {
         private readonly bool _smallest = spec.Order == SelectionOrder.Smallest;
 
-        /// <summary>Each row's forced-set rule, as <see cref="TopKSpec"/> with K = ForcedPerRow would keep it: (0, all)
-        /// when the row has at most K tokens, else the rule of its middle (row-relative positions).</summary>
-        public void ForcedRows(int first, int end)
+        /// <summary>Row r's forced-set rule, as <see cref="TopKSpec"/> with K = ForcedPerRow would keep it, in row
+        /// positions: (0, all) when the row has at most K tokens, else the rule of its middle.</summary>
+        public void ForcedRow(int r, int* hist, uint[] scratch)
         {
-            int* hist = stackalloc int[SelectionKeys.Bins];
-            int k = spec.ForcedPerRow;
-            for (int r = first; r < end; r++)
+            int k = spec.ForcedPerRow, length = lengths[r];
+            var rule = SelectionKeys.KeepAll;
+            if (length > k)
             {
-                int length = lengths[r];
-                var rule = SelectionKeys.KeepAll;
-                if (length > k)
-                {
-                    int need = k - spec.Sinks - spec.Recent;   // ≥ 0: ForcedPerRow ≥ Sinks + Recent when a row is longer
-                    var list = new RowList(scores + (long)r * spec.Columns, spec.Sinks, length - spec.Recent, _smallest);
-                    rule = SelectionKeys.Select(ref list, need, hist);
-                }
-                rules[2 * r] = rule.Key;
-                rules[2 * r + 1] = rule.Cutoff;
+                int s = spec.Sinks, need = k - s - spec.Recent, middle = length - s - spec.Recent;   // need ≥ 0: K ≥ Sinks + Recent here
+                var keys = scratch.AsSpan(0, middle);
+                SelectionKeys.Keys(new ReadOnlySpan<float>(scores + (long)r * spec.Columns + s, middle), keys, _smallest);
+                rule = SelectionKeys.Select(keys, need, hist, scratch.AsSpan(middle, middle));
+                // Middle index e is position s + e: a tie cutoff e + 1 becomes s + e + 1 (0 stays "no tie": ties lie at ≥ s).
+                if (rule.Cutoff != SelectionKeys.All) rule = rule with { Cutoff = rule.Cutoff + (uint)s };
             }
+            rules[2 * r] = rule.Key;
+            rules[2 * r + 1] = rule.Cutoff;
         }
 
-        public void Sequences(int first, int end)
+        /// <summary>Sequence q: its rows' keys back to back (forced tokens as the sentinel), one select over them
+        /// (list order = head, then index: the global tie order), and each row's kept indices.</summary>
+        public void Sequence(int q, int* hist, uint[] scratch)
         {
-            int* hist = stackalloc int[SelectionKeys.Bins];
-            int heads = spec.Heads, width = spec.Width;
-            for (int q = first; q < end; q++)
+            int heads = spec.Heads, width = spec.Width, firstRow = q * heads;
+            int total = 0;
+            for (int h = 0; h < heads; h++) total += lengths[firstRow + h];
+            var keys = scratch.AsSpan(0, total);
+            int offset = 0;
+            for (int h = 0; h < heads; h++)
             {
-                int firstRow = q * heads;
-                long total = 0;
-                for (int h = 0; h < heads; h++) total += lengths[firstRow + h];
-                var list = new SequenceList(spec, scores + (long)firstRow * spec.Columns, lengths + firstRow, rules + 2 * firstRow, _smallest);
-                var rule = total <= spec.Budget ? SelectionKeys.KeepAll : SelectionKeys.Select(ref list, spec.Budget, hist);
-                for (int h = 0; h < heads; h++)
-                {
-                    int* output = indices + (long)(firstRow + h) * width;
-                    var emit = new Emit(rule, output, h * spec.Columns);
-                    list.VisitRow(h, ref emit);
-                    for (int j = emit.Count; j < width; j++) output[j] = -1;
-                    counts[firstRow + h] = emit.Count;
-                }
+                int r = firstRow + h, length = lengths[r];
+                var rowKeys = keys.Slice(offset, length);
+                SelectionKeys.Keys(new ReadOnlySpan<float>(scores + (long)r * spec.Columns, length), rowKeys, _smallest);
+                var forced = new SelectionKeys.Rule(rules[2 * r], rules[2 * r + 1]);
+                for (int i = 0; i < length; i++)
+                    if (i < spec.Sinks || (long)i + spec.Recent >= length || forced.Keeps(rowKeys[i], (uint)i)) rowKeys[i] = SelectionKeys.Sentinel;
+                offset += length;
             }
-        }
-    }
-
-    /// <summary>Writes the kept elements' row-relative indices (position − <c>positionBase</c>) in visit order.</summary>
-    private struct Emit(SelectionKeys.Rule rule, int* output, int positionBase) : SelectionKeys.IVisitor
-    {
-        public int Count;
-
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Visit(uint key, uint position)
-        {
-            if (rule.Keeps(key, position)) output[Count++] = (int)position - positionBase;
-        }
-    }
-
-    /// <summary>Elements [begin, end) of one score row; positions are row-relative.</summary>
-    private readonly struct RowList(float* row, int begin, int end, bool smallest) : SelectionKeys.IKeyList
-    {
-        public long Count => end - begin;
-
-        public void Visit<TVisitor>(ref TVisitor visitor) where TVisitor : struct, SelectionKeys.IVisitor
-        {
-            for (int i = begin; i < end; i++) visitor.Visit(SelectionKeys.OrderKey(row[i], smallest), (uint)i);
-        }
-    }
-
-    /// <summary>A sequence's rows as one list (row h, token i at position h · Columns + i); forced tokens get the
-    /// sentinel key.</summary>
-    private readonly struct SequenceList(GlobalTopKSpec spec, float* scores, int* lengths, uint* rules, bool smallest) : SelectionKeys.IKeyList
-    {
-        public long Count
-        {
-            get
+            var rule = total <= spec.Budget ? SelectionKeys.KeepAll : SelectionKeys.Select(keys, spec.Budget, hist, scratch.AsSpan(total, total));
+            offset = 0;
+            for (int h = 0; h < heads; h++)
             {
-                long total = 0;
-                for (int h = 0; h < spec.Heads; h++) total += lengths[h];
-                return total;
-            }
-        }
-
-        public void Visit<TVisitor>(ref TVisitor visitor) where TVisitor : struct, SelectionKeys.IVisitor
-        {
-            for (int h = 0; h < spec.Heads; h++) VisitRow(h, ref visitor);
-        }
-
-        public void VisitRow<TVisitor>(int h, ref TVisitor visitor) where TVisitor : struct, SelectionKeys.IVisitor
-        {
-            float* row = scores + (long)h * spec.Columns;
-            int length = lengths[h];
-            var forced = new SelectionKeys.Rule(rules[2 * h], rules[2 * h + 1]);
-            uint basePosition = (uint)(h * spec.Columns);
-            int sinks = spec.Sinks, recent = spec.Recent;
-            for (int i = 0; i < length; i++)
-            {
-                uint key = SelectionKeys.OrderKey(row[i], smallest);
-                bool isForced = i < sinks || (long)i + recent >= length || forced.Keeps(key, (uint)i);
-                visitor.Visit(isForced ? SelectionKeys.Sentinel : key, basePosition + (uint)i);
+                int r = firstRow + h, length = lengths[r], n = 0;
+                int* output = indices + (long)r * width;
+                for (int i = 0; i < length; i++)
+                    if (rule.Keeps(keys[offset + i], (uint)(offset + i))) output[n++] = i;
+                for (int j = n; j < width; j++) output[j] = -1;
+                counts[r] = n;
+                offset += length;
             }
         }
     }

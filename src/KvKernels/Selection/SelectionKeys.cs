@@ -1,10 +1,13 @@
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 
 namespace KvKernels.Selection;
 
 /// <summary>
 /// The selection order as 32-bit keys and the exact radix select the CPU twin runs on them — the host side of
-/// <c>cuda/selection/topk.cu</c> (its header comment is the specification; the two must agree key for key).
+/// <c>cuda/selection/topk.cu</c> (its header comment is the specification; the two must agree key for key; the
+/// select itself need not follow the kernel's steps, only find the same set).
 /// </summary>
 internal static unsafe class SelectionKeys
 {
@@ -43,60 +46,78 @@ internal static unsafe class SelectionKeys
         public bool Keeps(uint key, uint position) => key > Key || (key == Key && position < Cutoff);
     }
 
-    /// <summary>Receives a list's (key, position) pairs in position order.</summary>
-    public interface IVisitor
+    /// <summary>
+    /// <c>keys[i] = OrderKey(scores[i], smallest)</c>, eight at a time with Vector256 where the hardware has it.
+    /// </summary>
+    public static void Keys(ReadOnlySpan<float> scores, Span<uint> keys, bool smallest)
     {
-        void Visit(uint key, uint position);
-    }
-
-    /// <summary>A list of keyed elements that can be walked in position order, any number of times.</summary>
-    public interface IKeyList
-    {
-        long Count { get; }
-
-        void Visit<TVisitor>(ref TVisitor visitor) where TVisitor : struct, IVisitor;
+        int i = 0;
+        if (Vector256.IsHardwareAccelerated && scores.Length >= Vector256<uint>.Count)
+        {
+            var flip = smallest ? Vector256<uint>.AllBitsSet : Vector256<uint>.Zero;
+            var sign = Vector256.Create(0x80000000u);
+            var abs = Vector256.Create(0x7FFFFFFFu);
+            var inf = Vector256.Create(0x7F800000u);
+            ref float source = ref MemoryMarshal.GetReference(scores);
+            ref uint target = ref MemoryMarshal.GetReference(keys);
+            for (; i <= scores.Length - Vector256<uint>.Count; i += Vector256<uint>.Count)
+            {
+                var bits = Vector256.LoadUnsafe(ref source, (nuint)i).AsUInt32();
+                var nan = Vector256.GreaterThan(bits & abs, inf);
+                bits = Vector256.ConditionalSelect(Vector256.Equals(bits, sign), Vector256<uint>.Zero, bits);
+                var negative = Vector256.ShiftRightArithmetic(bits.AsInt32(), 31).AsUInt32();   // all ones for a negative
+                var key = (bits ^ (negative | sign)) ^ flip;
+                Vector256.AndNot(key, nan).StoreUnsafe(ref target, (nuint)i);
+            }
+        }
+        for (; i < scores.Length; i++) keys[i] = OrderKey(scores[i], smallest);
     }
 
     /// <summary>
-    /// The rule that keeps exactly the best <paramref name="need"/> elements of <paramref name="list"/> (higher key first,
-    /// then lower position), for 0 ≤ need &lt; Count: level 0 (key bits 31..20), level 1 (19..8), level 2 (7..0), each a
-    /// histogram pass restricted to the prefix found so far, then a pass for the tie cutoff when only some of the
-    /// elements equal to the threshold key are needed. Stops early (whole-prefix rule) when a whole bin is needed, as
-    /// the kernel does; the set kept is the same either way.
+    /// The rule that keeps exactly the best <paramref name="need"/> of <paramref name="keys"/> (higher key first, then
+    /// lower index; positions in the rule are indices into <paramref name="keys"/>), for 0 ≤ need &lt; keys.Length:
+    /// level 0 (key bits 31..20) over all keys; the indices of the chosen bin's keys are listed, in order, in the
+    /// candidate scratch; level 1 (19..8), level 2 (7..0) and the tie cutoff run over the candidates only. Stops early
+    /// (whole-prefix rule) when a whole bin is needed, as the kernel does; the set kept is the same either way.
     /// </summary>
-    /// <param name="list">The elements.</param>
+    /// <param name="keys">The list's keys in position order.</param>
     /// <param name="need">How many to keep.</param>
     /// <param name="hist">Scratch of <see cref="Bins"/> ints.</param>
-    public static Rule Select<TList>(ref TList list, long need, int* hist) where TList : struct, IKeyList
+    /// <param name="candidates">Scratch of at least keys.Length entries.</param>
+    public static Rule Select(ReadOnlySpan<uint> keys, long need, int* hist, Span<uint> candidates)
     {
         if (need <= 0) return new Rule(Sentinel, 0);
 
         new Span<int>(hist, Bins).Clear();
-        var level0 = new Level(hist, 0, 32, 20, 0xFFF);
-        list.Visit(ref level0);
+        foreach (uint key in keys) hist[key >> 20]++;
         var (bin0, above0, count0) = FindBin(hist, Bins, need);
         long rem = need - above0;
         if (rem == count0) return WholePrefix(bin0, 20);
 
+        int count = 0;
+        for (int i = 0; i < keys.Length; i++)
+            if (keys[i] >> 20 == bin0) candidates[count++] = (uint)i;
+        candidates = candidates[..count];
+
         new Span<int>(hist, Bins).Clear();
-        var level1 = new Level(hist, bin0, 20, 8, 0xFFF);
-        list.Visit(ref level1);
+        foreach (uint i in candidates) hist[(keys[(int)i] >> 8) & 0xFFF]++;
         var (bin1, above1, count1) = FindBin(hist, Bins, rem);
         uint prefix = (bin0 << 12) | bin1;
         rem -= above1;
         if (rem == count1) return WholePrefix(prefix, 8);
 
         new Span<int>(hist, 256).Clear();
-        var level2 = new Level(hist, prefix, 8, 0, 0xFF);
-        list.Visit(ref level2);
+        foreach (uint i in candidates)
+            if (keys[(int)i] >> 8 == prefix) hist[keys[(int)i] & 0xFF]++;
         var (bin2, above2, count2) = FindBin(hist, 256, rem);
-        uint key = (prefix << 8) | bin2;
+        uint threshold = (prefix << 8) | bin2;
         rem -= above2;
-        if (rem == count2) return new Rule(key, All);
+        if (rem == count2) return new Rule(threshold, All);
 
-        var cutoff = new TieCutoff(key, rem);
-        list.Visit(ref cutoff);
-        return new Rule(key, cutoff.Cutoff);
+        long seen = 0;
+        foreach (uint i in candidates)
+            if (keys[(int)i] == threshold && ++seen == rem) return new Rule(threshold, i + 1);
+        throw new InvalidOperationException("Radix select: the tie cutoff was not found.");
     }
 
     /// <summary>Keep every key whose top (32 − shift) bits are at least <paramref name="prefix"/>.</summary>
@@ -112,29 +133,5 @@ internal static unsafe class SelectionKeys
             above += hist[b];
         }
         throw new InvalidOperationException($"Radix select: asked for the {need}-th element of a list of {above}.");
-    }
-
-    /// <summary>Histogram of (key &gt;&gt; shift) &amp; mask over the keys with key &gt;&gt; prefixShift == prefix
-    /// (prefixShift 32: every key).</summary>
-    private struct Level(int* hist, uint prefix, int prefixShift, int shift, uint mask) : IVisitor
-    {
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Visit(uint key, uint position)
-        {
-            if (prefixShift == 32 || key >> prefixShift == prefix) hist[(key >> shift) & mask]++;
-        }
-    }
-
-    /// <summary>Position + 1 of the rem-th element equal to the key, in position order.</summary>
-    private struct TieCutoff(uint key, long rem) : IVisitor
-    {
-        private long _seen;
-        public uint Cutoff;
-
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Visit(uint k, uint position)
-        {
-            if (k == key && ++_seen == rem) Cutoff = position + 1;
-        }
     }
 }

@@ -112,6 +112,24 @@ public sealed class GlobalTopKTests(Backends backends)
     }
 
     [Fact]
+    public void Cpu_ParallelPath_MatchesOracle()
+    {
+        // 4 × 8 rows of 4099 (131k scores): above the parallel threshold; ties from a few values.
+        var spec = new GlobalTopKSpec(4, 8, 4099, 3000, 0.3, Sinks: 2, Recent: 8);
+        var rng = new Random(5);
+        var lengths = Enumerable.Range(0, spec.Rows).Select(_ => rng.Next(spec.Columns + 1)).ToArray();
+        var scores = SelectionData.Scores(rng, spec.ScoreElements, ScoreKind.FewValues);
+        var indices = SelectionData.Poisoned(spec.IndexElements);
+        var counts = SelectionData.Poisoned(spec.Rows);
+        SelectionCpu.GlobalTopK(spec, scores, lengths, indices, counts);
+        var expectedIndices = new int[spec.IndexElements];
+        var expectedCounts = new int[spec.Rows];
+        SelectionOracle.GlobalTopK(spec, scores, lengths, expectedIndices, expectedCounts);
+        Assert.Equal(expectedCounts, counts);
+        TopKTests.AssertRows(expectedIndices, indices, spec.Width, "parallel CPU vs oracle");
+    }
+
+    [Fact]
     public void Oracle_FloorAndGlobalOrder_ByHand()
     {
         // Two heads, budget 4, α = 0.5: floor ⌊0.5·4/2⌋ = 1. Head 0 = [9 8 7 6], head 1 = [1 2 0 0].
