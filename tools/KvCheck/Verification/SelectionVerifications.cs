@@ -91,6 +91,7 @@ internal sealed class TopKVerification() : Verification<TopKShape>("selection", 
         new("NaN and infinities", new TopKSpec(3, 257, 64, Sinks: 1), 60, SelectionScores.Special),
         new("k = 1", new TopKSpec(3, 4099, 1), 4000, SelectionScores.Normal),
         new("bench row, k = 2048 of 128k", new TopKSpec(2, 131072, 2048), 131072, SelectionScores.Normal),
+        new("k = 16k of 256k, window", new TopKSpec(1, 262144, 16384, Sinks: 4, Recent: 512), 262144, SelectionScores.Attention),
     ];
 
     protected override VerificationOutcome RunCpu(TopKShape shape, int seed)
