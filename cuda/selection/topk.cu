@@ -45,6 +45,11 @@
 //      when even the exact candidates do not fit (heavy ties), they read the row itself (slow path, same result).
 // So a typical row is read once from HBM (plus the sample, whose lines the stream pass finds in L2); a guess that
 // misses costs one more read. The output is written once, with indices in ascending position order.
+// A tile is 512 threads x 2 16-byte vectors (4096 scores); the next tile's loads are issued before the current tile's
+// prefix sum, which costs one barrier (each warp publishes its total, every warp scans the 16 totals itself; the
+// totals alternate between two arrays so that no second barrier is needed).
+// The global selection streams a sequence's H rows through one CTA (its forced sets come from one CTA per row first),
+// so with few sequences it uses few SMs: a known limit (see SelectionKernels).
 //
 // Buffers: scores [rows, columns] fp32 (any alignment: tiles start at the 16-byte boundary at or before the first
 // element, and lanes outside the row are masked); lengths [rows] int32 (clamped to [0, columns] on the device);
