@@ -17,6 +17,9 @@ namespace KvKernels.Selection;
 /// two per SM): a sampled guess of the threshold, one streaming pass over the row that builds the exact 4096-bin
 /// histogram and collects the candidates into the workspace, then the rest of the radix select and the output
 /// compaction on the candidates alone. The kernel's header comment has the details and the fallbacks.
+/// <para>Known limit: <see cref="GlobalTopK"/>'s second launch streams all of a sequence's rows through one CTA, so a
+/// batch of few sequences uses few SMs (8 sequences of 32 × 128k scores: 8 CTAs reading 16 MB each). Not measured
+/// yet; splitting it over rows (per-row histograms summed per sequence) is the next step if it shows.</para>
 /// </remarks>
 public sealed class SelectionKernels
 {
