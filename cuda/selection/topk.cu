@@ -109,6 +109,10 @@ struct Storage {
     kvk_u32 word[4];
 };
 
+// The block's shared storage: one namespace-scope variable for every kernel of the file (each launch gets its own;
+// the emulator, which counts a library's static shared memory together, then sees 16.5 KB, not 16.5 KB per kernel).
+__shared__ Storage block_storage;
+
 // Each thread's handle on the block's shared storage, plus the phase of its block-wide scans (every thread makes the
 // same sequence of scans, so the phase is the same in all of them).
 struct Shared {
@@ -650,8 +654,7 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
     kvk_u32* workspace, kvk_i32 rows, kvk_i32 columns, kvk_i32 k, kvk_i32 sinks, kvk_i32 recent,
     kvk_i32 smallest, kvk_i32 capacity)
 {
-    __shared__ Storage storage;
-    Shared sm(storage);
+    Shared sm(block_storage);
     if (rows <= 0 || columns <= 0 || k < 0 || sinks < 0 || recent < 0 || capacity < 0) return;
     kvk_u32* keys = workspace + (kvk_u64)blockIdx.x * 2 * (kvk_u32)capacity;
     kvk_u32* positions = keys + capacity;
@@ -693,29 +696,145 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
     }
 }
 
+// ---- the global selection: row-parallel passes around one CTA per sequence ------------------------------------
+//
+// Launch order (one stream): selection_topk in threshold mode (each row's forced rule), selection_global_histogram
+// (rows), selection_global_plan (sequences), selection_global_collect (rows), selection_global_topk (sequences).
+// The row kernels read the scores (twice in all), the sequence kernels only histograms and candidates, so all SMs
+// stream. A sequence whose candidates do not fit its buffer (heavy ties) is done entirely by selection_global_topk,
+// which then streams the sequence's rows itself (slow path, same result).
+//
+// Workspace words used below: histograms [rows, 4096]; plan [sequences, 4] = (bin, above, count, buffered);
+// offsets [rows] = each row's first slot in its sequence's candidate buffer; per sequence a buffer of `capacity`
+// keys, `capacity` positions and the kept list (budget rounded up to 4): `stride` words.
+
+// Row r's level-0 histogram of its global keys (forced tokens as the sentinel) over [0, L).
+extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void selection_global_histogram(
+    const float* __restrict__ scores, const kvk_i32* __restrict__ lengths, const kvk_u32* __restrict__ thresholds,
+    kvk_u32* __restrict__ histograms, kvk_i32 rows, kvk_i32 columns, kvk_i32 sinks, kvk_i32 recent, kvk_i32 smallest)
+{
+    Shared sm(block_storage);
+    if (rows <= 0 || columns <= 0) return;
+    for (kvk_u32 r = blockIdx.x; r < (kvk_u32)rows; r += gridDim.x) {
+        const kvk_i64 length = kvk_min(kvk_max(kvk_ldg_i32(lengths + r), 0), columns);
+        const ForcedKey keyOf{length, sinks, recent, Threshold{thresholds[2 * (kvk_u64)r], thresholds[2 * (kvk_u64)r + 1]}, smallest != 0};
+        clear_hist(sm, kBins);
+        HistAll all{sm, kNoBin, nullptr, nullptr, 0, 0};
+        segment_tiles(Segment{scores + (kvk_i64)r * columns, 0, length, 0}, keyOf, all);
+        __syncthreads();
+        for (kvk_u32 b = threadIdx.x; b < kBins; b += kThreads) histograms[(kvk_u64)r * kBins + b] = sm.hist[b];
+        __syncthreads();
+    }
+}
+
+// Per sequence: the level-0 bin of the budget-th best key over the sum of its rows' histograms, and each row's slot
+// range in the sequence's candidate buffer (its keys at or above that bin, rows in order). plan = (bin, above,
+// count, 1) when the candidates fit `capacity`; (0, 0, 0, 0) when they do not, or when every token is kept.
+extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void selection_global_plan(
+    const kvk_i32* __restrict__ lengths, const kvk_u32* __restrict__ histograms, kvk_u32* __restrict__ plan,
+    kvk_u32* __restrict__ offsets, kvk_i32 sequences, kvk_i32 heads, kvk_i32 columns, kvk_i32 budget, kvk_i32 capacity)
+{
+    Shared sm(block_storage);
+    if (sequences <= 0 || heads <= 0 || columns <= 0 || budget <= 0 || capacity < 0) return;
+    const kvk_u32 tid = threadIdx.x;
+    for (kvk_u32 q = blockIdx.x; q < (kvk_u32)sequences; q += gridDim.x) {
+        const kvk_u64 firstRow = (kvk_u64)q * heads;
+        kvk_u32 mine = 0, total;
+        for (kvk_i32 h = (kvk_i32)tid; h < heads; h += kThreads) mine += (kvk_u32)kvk_min(kvk_max(kvk_ldg_i32(lengths + firstRow + h), 0), columns);
+        block_exclusive_sum(mine, sm, total);
+        // A sequence that keeps everything, or has more rows than the shared counters below, takes the other path.
+        if (total <= (kvk_u32)budget || heads > (kvk_i32)kBins) {
+            if (tid == 0) {
+                plan[4 * q] = 0;
+                plan[4 * q + 1] = 0;
+                plan[4 * q + 2] = 0;
+                plan[4 * q + 3] = 0;
+            }
+            continue;
+        }
+        for (kvk_u32 b = tid; b < kBins; b += kThreads) {
+            kvk_u32 sum = 0;
+            for (kvk_i32 h = 0; h < heads; ++h) sum += histograms[(firstRow + h) * kBins + b];
+            sm.hist[b] = sum;
+        }
+        const BinPick p0 = find_bin(sm, kBins, (kvk_u32)budget);
+        const bool fits = (kvk_u64)p0.above + p0.count <= (kvk_u32)capacity;
+        __syncthreads();   // everyone has p0 before the histogram becomes the row counters
+        // Row h's candidates: its keys in bins >= p0.bin. Counted per row in shared memory (integer atomics).
+        for (kvk_u32 h = tid; h < (kvk_u32)heads; h += kThreads) sm.hist[h] = 0;
+        __syncthreads();
+        for (kvk_u32 b = p0.bin + tid; b < kBins; b += kThreads)
+            for (kvk_i32 h = 0; h < heads; ++h) {
+                const kvk_u32 c = histograms[(firstRow + h) * kBins + b];
+                if (c) atomicAdd(&sm.hist[h], c);
+            }
+        __syncthreads();
+        // Offsets: exclusive prefix over rows; thread t owns a run of consecutive rows.
+        const kvk_u32 per = ((kvk_u32)heads + kThreads - 1) / kThreads;
+        const kvk_u32 lo = kvk_min(tid * per, (kvk_u32)heads), hi = kvk_min(lo + per, (kvk_u32)heads);
+        kvk_u32 local = 0, all;
+        for (kvk_u32 h = lo; h < hi; ++h) local += sm.hist[h];
+        kvk_u32 offset = block_exclusive_sum(local, sm, all);
+        for (kvk_u32 h = lo; h < hi; ++h) {
+            offsets[firstRow + h] = offset;
+            offset += sm.hist[h];
+        }
+        if (tid == 0) {
+            plan[4 * q] = p0.bin;
+            plan[4 * q + 1] = p0.above;
+            plan[4 * q + 2] = p0.count;
+            plan[4 * q + 3] = fits ? 1u : 0u;
+        }
+        __syncthreads();   // the counters are read before the next sequence reuses the shared memory
+    }
+}
+
+// Row r of a planned sequence: its global keys in bins >= plan.bin, in position order, to the sequence's candidate
+// buffer from offsets[r] on (positions h * columns + i).
+extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void selection_global_collect(
+    const float* __restrict__ scores, const kvk_i32* __restrict__ lengths, const kvk_u32* __restrict__ thresholds,
+    const kvk_u32* __restrict__ plan, const kvk_u32* __restrict__ offsets, kvk_u32* __restrict__ buffers,
+    kvk_i32 rows, kvk_i32 heads, kvk_i32 columns, kvk_i32 sinks, kvk_i32 recent, kvk_i32 smallest, kvk_i32 capacity, kvk_i32 budget)
+{
+    Shared sm(block_storage);
+    if (rows <= 0 || heads <= 0 || columns <= 0 || capacity < 0 || budget <= 0) return;
+    const kvk_u64 stride = 2 * (kvk_u64)capacity + (((kvk_u32)budget + 3) & ~3u);
+    for (kvk_u32 r = blockIdx.x; r < (kvk_u32)rows; r += gridDim.x) {
+        const kvk_u32 q = r / (kvk_u32)heads, h = r - q * (kvk_u32)heads;
+        if (plan[4 * q + 3] == 0) continue;   // uniform
+        const kvk_i64 length = kvk_min(kvk_max(kvk_ldg_i32(lengths + r), 0), columns);
+        const ForcedKey keyOf{length, sinks, recent, Threshold{thresholds[2 * (kvk_u64)r], thresholds[2 * (kvk_u64)r + 1]}, smallest != 0};
+        kvk_u32* keys = buffers + q * stride + offsets[r];
+        Collect collect{sm, plan[4 * q], keys, keys + capacity, 0};
+        segment_tiles(Segment{scores + (kvk_i64)r * columns, 0, length, h * (kvk_u32)columns}, keyOf, collect);
+        __syncthreads();
+    }
+}
+
 // Per sequence q < sequences (grid-stride over blockIdx.x), rows q * heads + h: each row's forced tokens (thresholds
 // from selection_topk in threshold mode with k = max(floor, s + r), plus the protected ranges) are kept; the rest of
 // the budget goes to the best other tokens of all the sequence's rows, ties to the lower row, then the lower index.
 // When the rows hold at most `budget` tokens together, all are kept. Row h's kept indices go to indices[row, 0..)
 // in ascending order, then -1 up to `width`; counts[row] = its kept count.
-// workspace: per CTA, capacity keys, capacity positions, then the kept list (`budget` positions, rounded up to 4).
+// A planned sequence (plan[q].buffered) finishes the select on the candidates selection_global_collect wrote; any
+// other streams its rows here (the buffer then serves as this CTA's candidate buffer). plan may be null: every
+// sequence then streams its rows here.
 // thresholds is overwritten with (first kept rank, count) per row once the sequence's selection is done.
 extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void selection_global_topk(
     const float* __restrict__ scores, const kvk_i32* __restrict__ lengths, kvk_u32* thresholds,
-    kvk_i32* __restrict__ indices, kvk_i32* __restrict__ counts, kvk_u32* workspace,
+    const kvk_u32* __restrict__ plan, kvk_i32* __restrict__ indices, kvk_i32* __restrict__ counts, kvk_u32* buffers,
     kvk_i32 sequences, kvk_i32 heads, kvk_i32 columns, kvk_i32 budget, kvk_i32 width,
     kvk_i32 sinks, kvk_i32 recent, kvk_i32 smallest, kvk_i32 capacity)
 {
-    __shared__ Storage storage;
-    Shared sm(storage);
+    Shared sm(block_storage);
     if (sequences <= 0 || heads <= 0 || columns <= 0 || budget <= 0 || width < 0 || capacity < 0) return;
     const kvk_u64 stride = 2 * (kvk_u64)capacity + (((kvk_u32)budget + 3) & ~3u);   // 16-byte aligned buffers
-    kvk_u32* keys = workspace + (kvk_u64)blockIdx.x * stride;
-    kvk_u32* positions = keys + capacity;
-    kvk_u32* kept = positions + capacity;
     const kvk_u32 tid = threadIdx.x;
 
     for (kvk_u32 q = blockIdx.x; q < (kvk_u32)sequences; q += gridDim.x) {
+        kvk_u32* keys = buffers + q * stride;
+        kvk_u32* positions = keys + capacity;
+        kvk_u32* kept = positions + capacity;
         const kvk_i64 firstRow = (kvk_i64)q * heads;
         SequenceSource src{scores + firstRow * columns, lengths + firstRow, thresholds + 2 * firstRow,
                            heads, columns, sinks, recent, smallest != 0, 0};
@@ -734,10 +853,16 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
             continue;
         }
 
-        const Selection sel = select(src, (kvk_u32)budget, keys, positions, (kvk_u32)capacity, sm);
+        Selection sel;
+        if (plan != nullptr && plan[4 * q + 3] != 0) {
+            const BinPick p0{plan[4 * q], plan[4 * q + 1], plan[4 * q + 2]};
+            const kvk_u32 count = p0.above + p0.count;
+            sel = Selection{refine(BufferSource{keys, positions, count}, p0, (kvk_u32)budget, sm), true, count};
+        } else {
+            sel = select(src, (kvk_u32)budget, keys, positions, (kvk_u32)capacity, sm);
+        }
         emit_kept(src, sel, keys, positions, sm, kept);
         __syncthreads();   // the kept list (global memory, this block) is complete
-
         // Row h's kept positions are the run [lower_bound(h * columns), lower_bound((h + 1) * columns)) of the list.
         auto lower_bound = [&](kvk_u32 value) {
             kvk_u32 lo = 0, hi = (kvk_u32)budget;

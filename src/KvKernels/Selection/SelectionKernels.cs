@@ -17,9 +17,9 @@ namespace KvKernels.Selection;
 /// two per SM): a sampled guess of the threshold, one streaming pass over the row that builds the exact 4096-bin
 /// histogram and collects the candidates into the workspace, then the rest of the radix select and the output
 /// compaction on the candidates alone. The kernel's header comment has the details and the fallbacks.
-/// <para>Known limit: <see cref="GlobalTopK"/>'s second launch streams all of a sequence's rows through one CTA, so a
-/// batch of few sequences uses few SMs (8 sequences of 32 × 128k scores: 8 CTAs reading 16 MB each). Not measured
-/// yet; splitting it over rows (per-row histograms summed per sequence) is the next step if it shows.</para>
+/// <para><see cref="GlobalTopK"/> reads the scores about three times (forced sets, histograms, candidates), each pass
+/// one CTA per row; only the small per-sequence steps run one CTA per sequence. With heavy ties (a sequence's
+/// candidates overflow its buffer) that sequence falls back to one CTA streaming all its rows.</para>
 /// </remarks>
 public sealed class SelectionKernels
 {
@@ -27,7 +27,8 @@ public sealed class SelectionKernels
     public const string Source = "selection/topk.cu";
 
     /// <summary>The entry points of the specialization.</summary>
-    public static IReadOnlyList<string> EntryPoints { get; } = ["selection_topk", "selection_global_topk"];
+    public static IReadOnlyList<string> EntryPoints { get; } =
+        ["selection_topk", "selection_global_histogram", "selection_global_plan", "selection_global_collect", "selection_global_topk"];
 
     /// <summary>Threads per CTA (the kernel's <c>TOPK_THREADS</c>).</summary>
     public const int Threads = 512;
@@ -39,7 +40,7 @@ public sealed class SelectionKernels
     private const int CapacitySlack = 16384;
 
     private readonly CudaDevice _device;
-    private CudaKernel? _topK, _global;
+    private readonly CudaKernel?[] _kernels = new CudaKernel?[5];
 
     /// <summary>Binds the ops to <paramref name="device"/>; the kernel is compiled and loaded on first use.</summary>
     public SelectionKernels(CudaDevice device)
@@ -64,8 +65,9 @@ public sealed class SelectionKernels
         return TopKPlan(spec).Elements;
     }
 
-    /// <summary>32-bit words of workspace <see cref="GlobalTopK"/> needs for <paramref name="spec"/>: the per-row
-    /// forced-set rules, then the larger of the per-row and the per-sequence candidate buffers (and kept lists).</summary>
+    /// <summary>32-bit words of workspace <see cref="GlobalTopK"/> needs for <paramref name="spec"/>: per row its
+    /// forced-set rule, a 4096-bin histogram and a candidate offset; per sequence its plan, a candidate buffer and its
+    /// kept list (the forced-set pass reuses that memory for its per-CTA buffers).</summary>
     /// <exception cref="ArgumentException">The spec is invalid.</exception>
     public long WorkspaceElements(in GlobalTopKSpec spec)
     {
@@ -112,13 +114,15 @@ public sealed class SelectionKernels
         args.Add(spec.Recent);
         args.Add(spec.Order == SelectionOrder.Smallest ? 1 : 0);
         args.Add(plan.Capacity);
-        Kernel(ref _topK, 0).Launch(new Dim3((uint)plan.Ctas), Threads, 0, stream, ref args);
+        Kernel(0).Launch(new Dim3((uint)plan.Ctas), Threads, 0, stream, ref args);
     }
 
     /// <summary>
     /// Global top-k across the heads of each sequence with a per-head floor (AdaKV); see <see cref="GlobalTopKSpec"/>
-    /// for the rule and <see cref="SelectionCpu.GlobalTopK"/> for the CPU twin. Two launches: the rows' forced sets
-    /// (one CTA per row), then the selection (one CTA per sequence).
+    /// for the rule and <see cref="SelectionCpu.GlobalTopK"/> for the CPU twin. Five launches: the rows' forced sets,
+    /// the rows' histograms of their global keys, a per-sequence plan (the level-0 bin and each row's candidate slots),
+    /// the rows' candidates, and per sequence the rest of the select and the output (a sequence whose candidates do not
+    /// fit its buffer streams its rows there instead).
     /// </summary>
     /// <param name="spec">Shape, budget, floor fraction, protected ranges and order.</param>
     /// <param name="scores"><c>[Sequences · Heads, Columns]</c> fp32 scores.</param>
@@ -141,8 +145,15 @@ public sealed class SelectionKernels
         CheckBuffers(scores, indices, counts, workspace, plan.Elements);
         if (spec.Rows == 0) return;
         var rules = workspace.Slice(0, 2L * spec.Rows);
-        var buffers = workspace.Slice(plan.RulesElements);
+        var histograms = workspace.Slice(plan.HistogramsOffset, (long)spec.Rows * HistogramBins);
+        var planned = workspace.Slice(plan.PlanOffset, 4L * spec.Sequences);
+        var offsets = workspace.Slice(plan.OffsetsOffset, spec.Rows);
+        var buffers = workspace.Slice(plan.BuffersOffset);
+        int smallest = spec.Order == SelectionOrder.Smallest ? 1 : 0;
+        var rowGrid = new Dim3((uint)plan.RowCtas);
+        var sequenceGrid = new Dim3((uint)plan.Ctas);
 
+        // 1. Each row's forced-set rule (selection_topk in threshold mode).
         var forced = new KernelArguments();
         forced.Add(scores);
         forced.Add(lengths.Lengths);
@@ -155,14 +166,60 @@ public sealed class SelectionKernels
         forced.Add(spec.ForcedPerRow);
         forced.Add(spec.Sinks);
         forced.Add(spec.Recent);
-        forced.Add(spec.Order == SelectionOrder.Smallest ? 1 : 0);
+        forced.Add(smallest);
         forced.Add(plan.RowCapacity);
-        Kernel(ref _topK, 0).Launch(new Dim3((uint)plan.RowCtas), Threads, 0, stream, ref forced);
+        Kernel(0).Launch(rowGrid, Threads, 0, stream, ref forced);
 
+        // 2. Each row's histogram of its global keys.
+        var histogram = new KernelArguments();
+        histogram.Add(scores);
+        histogram.Add(lengths.Lengths);
+        histogram.Add(rules);
+        histogram.Add(histograms);
+        histogram.Add(spec.Rows);
+        histogram.Add(spec.Columns);
+        histogram.Add(spec.Sinks);
+        histogram.Add(spec.Recent);
+        histogram.Add(smallest);
+        Kernel(1).Launch(rowGrid, Threads, 0, stream, ref histogram);
+
+        // 3. Per sequence: the level-0 bin and each row's slots in the candidate buffer.
+        var planning = new KernelArguments();
+        planning.Add(lengths.Lengths);
+        planning.Add(histograms);
+        planning.Add(planned);
+        planning.Add(offsets);
+        planning.Add(spec.Sequences);
+        planning.Add(spec.Heads);
+        planning.Add(spec.Columns);
+        planning.Add(spec.Budget);
+        planning.Add(plan.Capacity);
+        Kernel(2).Launch(sequenceGrid, Threads, 0, stream, ref planning);
+
+        // 4. Each row's candidates into its sequence's buffer.
+        var collect = new KernelArguments();
+        collect.Add(scores);
+        collect.Add(lengths.Lengths);
+        collect.Add(rules);
+        collect.Add(planned);
+        collect.Add(offsets);
+        collect.Add(buffers);
+        collect.Add(spec.Rows);
+        collect.Add(spec.Heads);
+        collect.Add(spec.Columns);
+        collect.Add(spec.Sinks);
+        collect.Add(spec.Recent);
+        collect.Add(smallest);
+        collect.Add(plan.Capacity);
+        collect.Add(spec.Budget);
+        Kernel(3).Launch(rowGrid, Threads, 0, stream, ref collect);
+
+        // 5. Per sequence: the rest of the select on the candidates (or the whole select over its rows), the output.
         var args = new KernelArguments();
         args.Add(scores);
         args.Add(lengths.Lengths);
         args.Add(rules);
+        args.Add(planned);
         args.Add(indices);
         args.Add(counts);
         args.Add(buffers);
@@ -173,12 +230,18 @@ public sealed class SelectionKernels
         args.Add(spec.Width);
         args.Add(spec.Sinks);
         args.Add(spec.Recent);
-        args.Add(spec.Order == SelectionOrder.Smallest ? 1 : 0);
+        args.Add(smallest);
         args.Add(plan.Capacity);
-        Kernel(ref _global, 1).Launch(new Dim3((uint)plan.Ctas), Threads, 0, stream, ref args);
+        Kernel(4).Launch(sequenceGrid, Threads, 0, stream, ref args);
     }
 
-    private readonly record struct Plan(int Ctas, int Capacity, long Elements, int RowCtas = 0, int RowCapacity = 0, long RulesElements = 0);
+    /// <summary>Level-0 histogram bins (the kernel's <c>kBins</c>).</summary>
+    private const int HistogramBins = 4096;
+
+    /// <summary>Grid sizes, candidate capacities and the workspace layout of a call (global: rules, histograms, plan,
+    /// offsets, then the buffers, each part a multiple of 4 words so that the buffers stay 16-byte aligned).</summary>
+    private readonly record struct Plan(int Ctas, int Capacity, long Elements, int RowCtas = 0, int RowCapacity = 0,
+        long HistogramsOffset = 0, long PlanOffset = 0, long OffsetsOffset = 0, long BuffersOffset = 0);
 
     private static long RoundUp4(long value) => (value + 3) & ~3L;
 
@@ -200,17 +263,23 @@ public sealed class SelectionKernels
     private Plan GlobalPlan(in GlobalTopKSpec spec)
     {
         long rules = RoundUp4(2L * spec.Rows);
+        long histograms = (long)spec.Rows * HistogramBins;
+        long planned = RoundUp4(4L * spec.Sequences);
+        long offsets = RoundUp4(spec.Rows);
         int rowCtas = Math.Max(1, Math.Min(spec.Rows, MaxCtas));
         int rowCapacity = Capacity(spec.Columns, spec.ForcedPerRow);
         int ctas = Math.Max(1, Math.Min(spec.Sequences, MaxCtas));
         int capacity = Capacity((long)spec.Heads * spec.Columns, spec.Budget);
+        // The forced-set pass uses per-CTA buffers; the later passes one buffer per sequence (same memory, in turn).
         long perSequence = 2L * capacity + RoundUp4(spec.Budget);
-        long buffers = Math.Max(2L * rowCtas * rowCapacity, ctas * perSequence);
-        return new Plan(ctas, capacity, Math.Max(1, rules + buffers), rowCtas, rowCapacity, rules);
+        long buffers = Math.Max(2L * rowCtas * rowCapacity, (long)spec.Sequences * perSequence);
+        long buffersOffset = rules + histograms + planned + offsets;
+        return new Plan(ctas, capacity, Math.Max(1, buffersOffset + buffers), rowCtas, rowCapacity,
+            rules, rules + histograms, rules + histograms + planned, buffersOffset);
     }
 
-    private CudaKernel Kernel(ref CudaKernel? slot, int entry) =>
-        slot ??= _device.LoadModule(Specializations[0]).GetKernel(EntryPoints[entry]);
+    private CudaKernel Kernel(int entry) =>
+        _kernels[entry] ??= _device.LoadModule(Specializations[0]).GetKernel(EntryPoints[entry]);
 
     private void CheckLengths(DeviceSequenceLengths lengths, int columns)
     {
