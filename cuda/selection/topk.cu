@@ -4,9 +4,11 @@
 //                          [0, s) and the recent window [L - r, L)) plus the best k - s - r of the rest; indices in
 //                          ascending position order. Optionally (thresholds != null) it records the row's selection
 //                          rule instead of / besides the indices (used by the global selection below).
-//   selection_global_topk  per sequence of H rows (AdaKV): each row's forced set (computed by selection_topk in
+//   selection_global_*     per sequence of H rows (AdaKV): each row's forced set (computed by selection_topk in
 //                          threshold mode with k = max(floor, s + r)) plus the best tokens of all the sequence's rows
-//                          together until the budget is spent; indices per row in ascending position order.
+//                          together until the budget is spent; indices per row in ascending position order. Four
+//                          kernels after the forced sets: histogram (rows), plan (sequences), collect (rows), topk
+//                          (sequences); see the section above selection_global_histogram.
 //
 // Order. A score maps to a 32-bit key whose unsigned order is the selection order (higher key = better):
 //   - finite values and ±inf: the order-preserving map of the fp32 bits (flip all bits of negatives, set the sign bit
@@ -48,8 +50,8 @@
 // A tile is 512 threads x 2 16-byte vectors (4096 scores); the next tile's loads are issued before the current tile's
 // prefix sum, which costs one barrier (each warp publishes its total, every warp scans the 16 totals itself; the
 // totals alternate between two arrays so that no second barrier is needed).
-// The global selection streams a sequence's H rows through one CTA (its forced sets come from one CTA per row first),
-// so with few sequences it uses few SMs: a known limit (see SelectionKernels).
+// The global selection reads the scores about three times (forced sets, histograms, candidates), one CTA per row;
+// only its small per-sequence steps run one CTA per sequence.
 //
 // Buffers: scores [rows, columns] fp32 (any alignment: tiles start at the 16-byte boundary at or before the first
 // element, and lanes outside the row are masked); lengths [rows] int32 (clamped to [0, columns] on the device);

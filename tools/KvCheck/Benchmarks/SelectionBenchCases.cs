@@ -108,7 +108,7 @@ internal sealed class GpuGlobalTopK(int batch, int heads, int n, int budget) : G
     public override string Shape => SelectionBenchCases.GlobalShape(batch, heads, n, budget);
     public override long BytesMoved => _spec.ScoreElements * 4 + _spec.IndexElements * 4 + _spec.Rows * 4L;
     public override double? GoalPercent => null;
-    public override long SharedAllocationBytes => (_spec.IndexElements + _spec.Rows) * 4 + 4 * Math.Max(
+    public override long SharedAllocationBytes => (_spec.IndexElements + _spec.Rows) * 4 + _spec.Rows * 4096L * 4 + 4 * Math.Max(
         (long)_spec.Rows * 2 * Math.Min(n, 2L * _spec.ForcedPerRow + 16384),
         (long)batch * (2 * Math.Min((long)heads * n, 2L * budget + 16384) + budget));
     public override long SetAllocationBytes => _spec.ScoreElements * 4;
