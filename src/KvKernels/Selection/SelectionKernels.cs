@@ -13,8 +13,7 @@ namespace KvKernels.Selection;
 /// nothing once the kernel is loaded.
 /// </summary>
 /// <remarks>
-/// One CTA of 512 threads per row (per sequence for the global selection; grid-stride when there are more rows than
-/// two per SM): a sampled guess of the threshold, one streaming pass over the row that builds the exact 4096-bin
+/// <see cref="TopK"/>: one CTA of 512 threads per row (grid-stride when there are more rows than two per SM): a sampled guess of the threshold, one streaming pass over the row that builds the exact 4096-bin
 /// histogram and collects the candidates into the workspace, then the rest of the radix select and the output
 /// compaction on the candidates alone. The kernel's header comment has the details and the fallbacks.
 /// <para><see cref="GlobalTopK"/> reads the scores about three times (forced sets, histograms, candidates), each pass
@@ -56,8 +55,9 @@ public sealed class SelectionKernels
     /// <summary>The most CTAs a call launches: two per SM (the kernel's occupancy); more rows are taken grid-stride.</summary>
     private int MaxCtas => Math.Max(1, 2 * _device.Info.MultiprocessorCount);
 
-    /// <summary>32-bit words of workspace <see cref="TopK"/> needs for <paramref name="spec"/> (and for every smaller
-    /// spec with the same K and Columns): per CTA a candidate buffer of keys and positions.</summary>
+    /// <summary>32-bit words of workspace <see cref="TopK"/> needs for <paramref name="spec"/> (enough for any spec with
+    /// at most as many rows, the same Columns and at most the same K): per CTA a candidate buffer of keys and
+    /// positions.</summary>
     /// <exception cref="ArgumentException">The spec is invalid.</exception>
     public long WorkspaceElements(in TopKSpec spec)
     {
