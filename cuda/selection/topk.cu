@@ -6,9 +6,9 @@
 //                          rule instead of / besides the indices (used by the global selection below).
 //   selection_global_*     per sequence of H rows (AdaKV): each row's forced set (computed by selection_topk in
 //                          threshold mode with k = max(floor, s + r)) plus the best tokens of all the sequence's rows
-//                          together until the budget is spent; indices per row in ascending position order. Four
+//                          together until the budget is spent; indices per row in ascending position order. Five
 //                          kernels after the forced sets: histogram (rows), plan (sequences), collect (rows), topk
-//                          (sequences); see the section above selection_global_histogram.
+//                          (sequences), output (rows); see the section above selection_global_histogram.
 //
 // Order. A score maps to a 32-bit key whose unsigned order is the selection order (higher key = better):
 //   - finite values and ±inf: the order-preserving map of the fp32 bits (flip all bits of negatives, set the sign bit
@@ -88,6 +88,9 @@ enum : kvk_u32 {
     kSentinel = 0xFFFFFFFFu,         // forced tokens (global selection); above every real key
     kNoBin = 0xFFFFFFFFu,            // "no guess"
     kAll = 0xFFFFFFFFu,              // cutoff that accepts every tie
+    kPlanStream = 0,                 // global plan: the sequence's select streams its rows (candidates do not fit)
+    kPlanBuffered = 1,               //   the candidates are in the sequence's buffer
+    kPlanKeepAll = 2,                //   the sequence keeps every token
 };
 
 struct Threshold {
@@ -701,9 +704,9 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
 // ---- the global selection: row-parallel passes around one CTA per sequence ------------------------------------
 //
 // Launch order (one stream): selection_topk in threshold mode (each row's forced rule), selection_global_histogram
-// (rows), selection_global_plan (sequences), selection_global_collect (rows), selection_global_topk (sequences).
-// The row kernels read the scores (twice in all), the sequence kernels only histograms and candidates, so all SMs
-// stream. A sequence whose candidates do not fit its buffer (heavy ties) is done entirely by selection_global_topk,
+// (rows), selection_global_plan (sequences), selection_global_collect (rows), selection_global_topk (sequences),
+// selection_global_output (rows). The row kernels read the scores (three times with the forced sets) and write the
+// indices, the sequence kernels touch only histograms and candidates, so all SMs stream. A sequence whose candidates do not fit its buffer (heavy ties) is done entirely by selection_global_topk,
 // which then streams the sequence's rows itself (slow path, same result).
 //
 // Workspace words used below: histograms [rows, 4096]; plan [sequences, 4] = (bin, above, count, buffered);
@@ -731,7 +734,8 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
 
 // Per sequence: the level-0 bin of the budget-th best key over the sum of its rows' histograms, and each row's slot
 // range in the sequence's candidate buffer (its keys at or above that bin, rows in order). plan = (bin, above,
-// count, 1) when the candidates fit `capacity`; (0, 0, 0, 0) when they do not, or when every token is kept.
+// count, kPlanBuffered) when the candidates fit `capacity`; (0, 0, 0, kPlanStream) when they do not;
+// (0, 0, 0, kPlanKeepAll) when the sequence has at most `budget` tokens.
 extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void selection_global_plan(
     const kvk_i32* __restrict__ lengths, const kvk_u32* __restrict__ histograms, kvk_u32* __restrict__ plan,
     kvk_u32* __restrict__ offsets, kvk_i32 sequences, kvk_i32 heads, kvk_i32 columns, kvk_i32 budget, kvk_i32 capacity)
@@ -744,13 +748,13 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
         kvk_u32 mine = 0, total;
         for (kvk_i32 h = (kvk_i32)tid; h < heads; h += kThreads) mine += (kvk_u32)kvk_min(kvk_max(kvk_ldg_i32(lengths + firstRow + h), 0), columns);
         block_exclusive_sum(mine, sm, total);
-        // A sequence that keeps everything, or has more rows than the shared counters below, takes the other path.
+        // A sequence that keeps everything (2), or has more rows than the shared counters below (0: the slow path).
         if (total <= (kvk_u32)budget || heads > (kvk_i32)kBins) {
             if (tid == 0) {
                 plan[4 * q] = 0;
                 plan[4 * q + 1] = 0;
                 plan[4 * q + 2] = 0;
-                plan[4 * q + 3] = 0;
+                plan[4 * q + 3] = total <= (kvk_u32)budget ? kPlanKeepAll : kPlanStream;
             }
             continue;
         }
@@ -785,7 +789,7 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
             plan[4 * q] = p0.bin;
             plan[4 * q + 1] = p0.above;
             plan[4 * q + 2] = p0.count;
-            plan[4 * q + 3] = fits ? 1u : 0u;
+            plan[4 * q + 3] = fits ? kPlanBuffered : kPlanStream;
         }
         __syncthreads();   // the counters are read before the next sequence reuses the shared memory
     }
@@ -803,7 +807,7 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
     const kvk_u64 stride = 2 * (kvk_u64)capacity + (((kvk_u32)budget + 3) & ~3u);
     for (kvk_u32 r = blockIdx.x; r < (kvk_u32)rows; r += gridDim.x) {
         const kvk_u32 q = r / (kvk_u32)heads, h = r - q * (kvk_u32)heads;
-        if (plan[4 * q + 3] == 0) continue;   // uniform
+        if (plan[4 * q + 3] != kPlanBuffered) continue;   // uniform
         const kvk_i64 length = kvk_min(kvk_max(kvk_ldg_i32(lengths + r), 0), columns);
         const ForcedKey keyOf{length, sinks, recent, Threshold{thresholds[2 * (kvk_u64)r], thresholds[2 * (kvk_u64)r + 1]}, smallest != 0};
         kvk_u32* keys = buffers + q * stride + offsets[r];
@@ -816,24 +820,23 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
 // Per sequence q < sequences (grid-stride over blockIdx.x), rows q * heads + h: each row's forced tokens (thresholds
 // from selection_topk in threshold mode with k = max(floor, s + r), plus the protected ranges) are kept; the rest of
 // the budget goes to the best other tokens of all the sequence's rows, ties to the lower row, then the lower index.
-// When the rows hold at most `budget` tokens together, all are kept. Row h's kept indices go to indices[row, 0..)
-// in ascending order, then -1 up to `width`; counts[row] = its kept count.
-// A planned sequence (plan[q].buffered) finishes the select on the candidates selection_global_collect wrote; any
-// other streams its rows here (the buffer then serves as this CTA's candidate buffer). plan may be null: every
-// sequence then streams its rows here.
-// thresholds is overwritten with (first kept rank, count) per row once the sequence's selection is done.
+// A buffered sequence finishes the select on the candidates selection_global_collect wrote; a streamed one runs the
+// whole select over its rows here (the buffer then serves as this CTA's candidate buffer); a keep-all one is left to
+// selection_global_output. The kept positions (h * columns + i, ascending) go to the sequence's kept list, and each
+// row's run of it, (first, count), overwrites the row's forced rule in `thresholds`.
 extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void selection_global_topk(
     const float* __restrict__ scores, const kvk_i32* __restrict__ lengths, kvk_u32* thresholds,
-    const kvk_u32* __restrict__ plan, kvk_i32* __restrict__ indices, kvk_i32* __restrict__ counts, kvk_u32* buffers,
-    kvk_i32 sequences, kvk_i32 heads, kvk_i32 columns, kvk_i32 budget, kvk_i32 width,
-    kvk_i32 sinks, kvk_i32 recent, kvk_i32 smallest, kvk_i32 capacity)
+    const kvk_u32* __restrict__ plan, kvk_u32* buffers, kvk_i32 sequences, kvk_i32 heads, kvk_i32 columns,
+    kvk_i32 budget, kvk_i32 sinks, kvk_i32 recent, kvk_i32 smallest, kvk_i32 capacity)
 {
     Shared sm(block_storage);
-    if (sequences <= 0 || heads <= 0 || columns <= 0 || budget <= 0 || width < 0 || capacity < 0) return;
+    if (sequences <= 0 || heads <= 0 || columns <= 0 || budget <= 0 || capacity < 0) return;
     const kvk_u64 stride = 2 * (kvk_u64)capacity + (((kvk_u32)budget + 3) & ~3u);   // 16-byte aligned buffers
     const kvk_u32 tid = threadIdx.x;
 
     for (kvk_u32 q = blockIdx.x; q < (kvk_u32)sequences; q += gridDim.x) {
+        const kvk_u32 how = plan[4 * q + 3];
+        if (how == kPlanKeepAll) continue;   // uniform
         kvk_u32* keys = buffers + q * stride;
         kvk_u32* positions = keys + capacity;
         kvk_u32* kept = positions + capacity;
@@ -842,21 +845,10 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
                            heads, columns, sinks, recent, smallest != 0, 0};
         kvk_u32 mine = 0;
         for (kvk_i32 h = (kvk_i32)tid; h < heads; h += kThreads) mine += (kvk_u32)src.length(h);
-        block_exclusive_sum(mine, sm, src.total);
-
-        if (src.total <= (kvk_u32)budget) {
-            // Everything is kept.
-            for (kvk_i32 h = 0; h < heads; ++h) {
-                const kvk_i64 length = src.length(h);
-                kvk_i32* out = indices + (firstRow + h) * width;
-                for (kvk_u32 j = tid; j < (kvk_u32)width; j += kThreads) out[j] = j < length ? (kvk_i32)j : -1;
-                if (tid == 0) counts[firstRow + h] = (kvk_i32)length;
-            }
-            continue;
-        }
+        block_exclusive_sum(mine, sm, src.total);   // > budget: the plan said so
 
         Selection sel;
-        if (plan != nullptr && plan[4 * q + 3] != 0) {
+        if (how == kPlanBuffered) {
             const BinPick p0{plan[4 * q], plan[4 * q + 1], plan[4 * q + 2]};
             const kvk_u32 count = p0.above + p0.count;
             sel = Selection{refine(BufferSource{keys, positions, count}, p0, (kvk_u32)budget, sm), true, count};
@@ -865,6 +857,7 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
         }
         emit_kept(src, sel, keys, positions, sm, kept);
         __syncthreads();   // the kept list (global memory, this block) is complete
+
         // Row h's kept positions are the run [lower_bound(h * columns), lower_bound((h + 1) * columns)) of the list.
         auto lower_bound = [&](kvk_u32 value) {
             kvk_u32 lo = 0, hi = (kvk_u32)budget;
@@ -880,15 +873,33 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
             const kvk_u32 last = lower_bound((kvk_u32)(h + 1) * (kvk_u32)columns);
             thresholds[2 * (firstRow + h)] = first;
             thresholds[2 * (firstRow + h) + 1] = last - first;
-            counts[firstRow + h] = (kvk_i32)(last - first);
-        }
-        __syncthreads();
-        for (kvk_i32 h = 0; h < heads; ++h) {
-            const kvk_u32 first = thresholds[2 * (firstRow + h)], count = thresholds[2 * (firstRow + h) + 1];
-            const kvk_u32 base = (kvk_u32)h * (kvk_u32)columns;
-            kvk_i32* out = indices + (firstRow + h) * width;
-            for (kvk_u32 j = tid; j < (kvk_u32)width; j += kThreads) out[j] = j < count ? (kvk_i32)(kept[first + j] - base) : -1;
         }
         __syncthreads();   // the next sequence reuses the shared memory and the buffers
+    }
+}
+
+// Row r (grid-stride): its kept indices, ascending, to indices[r, 0..) and -1 up to `width`; counts[r]. A keep-all
+// sequence's rows keep 0 .. L-1; the others copy their run (first, count) of the sequence's kept list.
+extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void selection_global_output(
+    const kvk_i32* __restrict__ lengths, const kvk_u32* __restrict__ runs, const kvk_u32* __restrict__ plan,
+    const kvk_u32* __restrict__ buffers, kvk_i32* __restrict__ indices, kvk_i32* __restrict__ counts,
+    kvk_i32 rows, kvk_i32 heads, kvk_i32 columns, kvk_i32 budget, kvk_i32 width, kvk_i32 capacity)
+{
+    if (rows <= 0 || heads <= 0 || columns <= 0 || budget <= 0 || width < 0 || capacity < 0) return;
+    const kvk_u64 stride = 2 * (kvk_u64)capacity + (((kvk_u32)budget + 3) & ~3u);
+    for (kvk_u32 r = blockIdx.x; r < (kvk_u32)rows; r += gridDim.x) {
+        const kvk_u32 q = r / (kvk_u32)heads, h = r - q * (kvk_u32)heads;
+        kvk_i32* out = indices + (kvk_i64)r * width;
+        if (plan[4 * q + 3] == kPlanKeepAll) {
+            const kvk_u32 length = (kvk_u32)kvk_min(kvk_max(kvk_ldg_i32(lengths + r), 0), columns);
+            for (kvk_u32 j = threadIdx.x; j < (kvk_u32)width; j += kThreads) out[j] = j < length ? (kvk_i32)j : -1;
+            if (threadIdx.x == 0) counts[r] = (kvk_i32)length;
+            continue;
+        }
+        const kvk_u32 first = runs[2 * (kvk_u64)r], count = runs[2 * (kvk_u64)r + 1];
+        const kvk_u32* kept = buffers + q * stride + 2 * (kvk_u64)capacity + first;
+        const kvk_u32 base = h * (kvk_u32)columns;
+        for (kvk_u32 j = threadIdx.x; j < (kvk_u32)width; j += kThreads) out[j] = j < count ? (kvk_i32)(kept[j] - base) : -1;
+        if (threadIdx.x == 0) counts[r] = (kvk_i32)count;
     }
 }

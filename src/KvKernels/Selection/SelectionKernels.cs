@@ -17,7 +17,7 @@ namespace KvKernels.Selection;
 /// histogram and collects the candidates into the workspace, then the rest of the radix select and the output
 /// compaction on the candidates alone. The kernel's header comment has the details and the fallbacks.
 /// <para><see cref="GlobalTopK"/> reads the scores about three times (forced sets, histograms, candidates), each pass
-/// one CTA per row; only the small per-sequence steps run one CTA per sequence. With heavy ties (a sequence's
+/// one CTA per row, and writes the indices one CTA per row; only the small per-sequence steps run one CTA per sequence. With heavy ties (a sequence's
 /// candidates overflow its buffer) that sequence falls back to one CTA streaming all its rows.</para>
 /// </remarks>
 public sealed class SelectionKernels
@@ -27,7 +27,8 @@ public sealed class SelectionKernels
 
     /// <summary>The entry points of the specialization.</summary>
     public static IReadOnlyList<string> EntryPoints { get; } =
-        ["selection_topk", "selection_global_histogram", "selection_global_plan", "selection_global_collect", "selection_global_topk"];
+        ["selection_topk", "selection_global_histogram", "selection_global_plan", "selection_global_collect", "selection_global_topk",
+         "selection_global_output"];
 
     /// <summary>Threads per CTA (the kernel's <c>TOPK_THREADS</c>).</summary>
     public const int Threads = 512;
@@ -39,7 +40,7 @@ public sealed class SelectionKernels
     private const int CapacitySlack = 16384;
 
     private readonly CudaDevice _device;
-    private readonly CudaKernel?[] _kernels = new CudaKernel?[5];
+    private readonly CudaKernel?[] _kernels = new CudaKernel?[6];
 
     /// <summary>Binds the ops to <paramref name="device"/>; the kernel is compiled and loaded on first use.</summary>
     public SelectionKernels(CudaDevice device)
@@ -119,10 +120,10 @@ public sealed class SelectionKernels
 
     /// <summary>
     /// Global top-k across the heads of each sequence with a per-head floor (AdaKV); see <see cref="GlobalTopKSpec"/>
-    /// for the rule and <see cref="SelectionCpu.GlobalTopK"/> for the CPU twin. Five launches: the rows' forced sets,
+    /// for the rule and <see cref="SelectionCpu.GlobalTopK"/> for the CPU twin. Six launches: the rows' forced sets,
     /// the rows' histograms of their global keys, a per-sequence plan (the level-0 bin and each row's candidate slots),
-    /// the rows' candidates, and per sequence the rest of the select and the output (a sequence whose candidates do not
-    /// fit its buffer streams its rows there instead).
+    /// the rows' candidates, per sequence the rest of the select (a sequence whose candidates do not fit its buffer
+    /// streams its rows there instead), and the rows' outputs.
     /// </summary>
     /// <param name="spec">Shape, budget, floor fraction, protected ranges and order.</param>
     /// <param name="scores"><c>[Sequences · Heads, Columns]</c> fp32 scores.</param>
@@ -214,25 +215,39 @@ public sealed class SelectionKernels
         collect.Add(spec.Budget);
         Kernel(3).Launch(rowGrid, Threads, 0, stream, ref collect);
 
-        // 5. Per sequence: the rest of the select on the candidates (or the whole select over its rows), the output.
+        // 5. Per sequence: the rest of the select on the candidates (or the whole select over its rows): the kept list
+        //    and each row's run of it.
         var args = new KernelArguments();
         args.Add(scores);
         args.Add(lengths.Lengths);
         args.Add(rules);
         args.Add(planned);
-        args.Add(indices);
-        args.Add(counts);
         args.Add(buffers);
         args.Add(spec.Sequences);
         args.Add(spec.Heads);
         args.Add(spec.Columns);
         args.Add(spec.Budget);
-        args.Add(spec.Width);
         args.Add(spec.Sinks);
         args.Add(spec.Recent);
         args.Add(smallest);
         args.Add(plan.Capacity);
         Kernel(4).Launch(sequenceGrid, Threads, 0, stream, ref args);
+
+        // 6. Each row's indices and count.
+        var output = new KernelArguments();
+        output.Add(lengths.Lengths);
+        output.Add(rules);
+        output.Add(planned);
+        output.Add(buffers);
+        output.Add(indices);
+        output.Add(counts);
+        output.Add(spec.Rows);
+        output.Add(spec.Heads);
+        output.Add(spec.Columns);
+        output.Add(spec.Budget);
+        output.Add(spec.Width);
+        output.Add(plan.Capacity);
+        Kernel(5).Launch(rowGrid, Threads, 0, stream, ref output);
     }
 
     /// <summary>Level-0 histogram bins (the kernel's <c>kBins</c>).</summary>
