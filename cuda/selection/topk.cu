@@ -34,7 +34,8 @@
 // Histogram counts use shared-memory atomics, whose order cannot change an integer count; everything that depends on
 // order (which tied element, where an index is written) is decided by block-wide prefix sums in position order.
 //
-// Data movement (one CTA per row, or per sequence for the global selection; grid-stride over rows):
+// Data movement of selection_topk (one CTA per row, grid-stride over rows; the global selection's per-sequence select
+// works the same way on a sequence's rows):
 //   1. guess:   when the list is longer than the CTA's candidate buffer, a sample (32 consecutive elements out of every
 //               1024: 1/32 of the row, whole 128-byte lines) gives a level-0 bin b0 that probably lies at or below
 //               the exact threshold bin, aiming at 1.5x the needed count plus a margin;
@@ -706,10 +707,11 @@ extern "C" __global__ __launch_bounds__(TOPK_THREADS, TOPK_MIN_BLOCKS) void sele
 // Launch order (one stream): selection_topk in threshold mode (each row's forced rule), selection_global_histogram
 // (rows), selection_global_plan (sequences), selection_global_collect (rows), selection_global_topk (sequences),
 // selection_global_output (rows). The row kernels read the scores (three times with the forced sets) and write the
-// indices, the sequence kernels touch only histograms and candidates, so all SMs stream. A sequence whose candidates do not fit its buffer (heavy ties) is done entirely by selection_global_topk,
-// which then streams the sequence's rows itself (slow path, same result).
+// indices, the sequence kernels touch only histograms and candidates, so all SMs stream. A sequence whose candidates
+// do not fit its buffer (heavy ties) is done entirely by selection_global_topk, which then streams the sequence's
+// rows itself (slow path, same result).
 //
-// Workspace words used below: histograms [rows, 4096]; plan [sequences, 4] = (bin, above, count, buffered);
+// Workspace words used below: histograms [rows, 4096]; plan [sequences, 4] = (bin, above, count, kPlan*);
 // offsets [rows] = each row's first slot in its sequence's candidate buffer; per sequence a buffer of `capacity`
 // keys, `capacity` positions and the kept list (budget rounded up to 4): `stride` words.
 
