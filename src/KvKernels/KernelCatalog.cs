@@ -36,5 +36,6 @@ public static class KernelCatalog
         .. QuantizedAttentionKernels.Specializations.Select(s => new CatalogEntry("quant", s, QuantizedAttentionKernels.EntryPoints)),
         .. CompactionKernels.Specializations.Select(s => new CatalogEntry("selection", s, CompactionKernels.EntryPoints)),
         .. TokenScoreKernels.Specializations.Select(s => new CatalogEntry("selection", s, TokenScoreKernels.EntryPoints)),
+        .. SelectionKernels.Specializations.Select(s => new CatalogEntry("selection", s, SelectionKernels.EntryPoints)),
     ];
 }

@@ -156,11 +156,11 @@ internal static class BenchCommand
 
     /// <summary>Every GPU row, family by family (a new op family appends its cases here).</summary>
     private static IEnumerable<GpuBenchCase> GpuCases(bool quick) => PagingBenchCases.Gpu().Concat(AttentionBenchCases.Gpu(quick)).Concat(MergeStatesBench.Gpu())
-        .Concat(MlaBenchCases.Gpu(quick)).Concat(QuantBenchCases.Gpu(quick)).Concat(ScoreBenchCases.Gpu(quick));
+        .Concat(MlaBenchCases.Gpu(quick)).Concat(QuantBenchCases.Gpu(quick)).Concat(ScoreBenchCases.Gpu(quick)).Concat(SelectionBenchCases.Gpu());
 
     /// <summary>Every CPU row, family by family.</summary>
     private static IEnumerable<CpuBenchCase> CpuCases() => PagingBenchCases.Cpu().Concat(AttentionBenchCases.Cpu()).Concat(MergeStatesBench.Cpu())
-        .Concat(MlaBenchCases.Cpu()).Concat(ScoreBenchCases.Cpu());
+        .Concat(MlaBenchCases.Cpu()).Concat(ScoreBenchCases.Cpu()).Concat(SelectionBenchCases.Cpu());
 
     private static void Progress(BenchRow row)
     {

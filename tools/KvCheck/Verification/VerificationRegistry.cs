@@ -10,5 +10,6 @@ internal static class VerificationRegistry
         .. MlaVerifications.All,
         .. QuantVerifications.All,
         .. ScoreVerifications.All,
+        .. SelectionVerifications.All,
     ];
 }
